@@ -1,0 +1,368 @@
+"""Everything between an image on disk and the batch of views, shared by the six *_asym.py scripts.
+
+The paper (Wang et al., CVPR 2022) splits a Siamese pair into a gradient-updated *source*
+encoder and a no-gradient *target* encoder, and finds that designs raising the variance of
+the encodings belong on the source (MultiCrop, ScaleMix, StrongerAug) and designs lowering
+it on the target (WeakerAug, MeanEnc; AsymBN lives in the model). This file builds the views:
+
+    views = Views(size=32, source_aug="stronger", target_aug="weaker", multicrop=6, ...)
+    train_set = dataset("synthetic", "train", views)
+    loader = DataLoader(train_set, batch_size=64, collate_fn=collate_views)
+    batch, labels = next(iter(loader))  # batch["source"]: (n_s*B)x3xHxW, view-major
+
+Recipes are torchvision.transforms.v2 pipelines on uint8 tensors (one decode per image).
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageDraw
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ---------------------------------------------------------------------------------------------
+# Recipes: one augmentation pipeline per view
+# ---------------------------------------------------------------------------------------------
+# name -> (RandomResizedCrop min scale, ColorJitter strengths, blur p, solarize p)
+RECIPES = {
+    "mocov2": (0.2, (0.4, 0.4, 0.4, 0.1), 0.5, 0.0),
+    "byol1": (0.08, (0.4, 0.4, 0.2, 0.1), 1.0, 0.0),  # BYOL's view 1
+    "byol2": (0.08, (0.4, 0.4, 0.2, 0.1), 0.1, 0.2),  # BYOL's view 2
+    "simclr": (0.08, (0.8, 0.8, 0.8, 0.2), 0.5, 0.0),
+}
+# The view pair each framework uses by default (source view, target view).
+FRAMEWORK_RECIPES = {
+    "mocov2": ("mocov2", "mocov2"),
+    "simsiam": ("mocov2", "mocov2"),
+    "byol": ("byol1", "byol2"),
+    "mocov3": ("byol1", "byol2"),
+    "barlow": ("byol1", "byol2"),
+    "simclr": ("simclr", "simclr"),
+}
+MULTICROP_SCALE = (0.05, 0.14)  # small crops; the standard crops then start at 0.14
+MULTICROP_SIZE_AT_224 = 96
+
+
+def small_crop_size(size):
+    """MultiCrop crop size: 96 px at 224, scaled and rounded to a multiple of 8 (16 px at 32)."""
+    return max(8, 8 * round(size * MULTICROP_SIZE_AT_224 / 224 / 8))
+
+
+def blur_kernel(size):
+    """Odd Gaussian-blur kernel of about 10% of the image (23 px at 224); no blur below 64 px,
+    as in the small-data recipes (blurring a 32 px image mostly destroys it)."""
+    return 0 if size < 64 else int(0.1 * size) // 2 * 2 + 1
+
+
+def view_transform(recipe, size, scale=None, randaugment=False):
+    """One augmented view of a uint8 CxHxW image -> normalised float CxSxS.
+
+    recipe: a RECIPES name, or "weaker" (WeakerAug: RandomResizedCrop(0.08, 1) + flip only).
+    randaugment: StrongerAug = the recipe + RandAugment(2 ops, magnitude 10) after the flip.
+    scale: overrides the recipe's crop scale range (MultiCrop: (0.14, 1) and (0.05, 0.14)).
+    """
+    if recipe == "weaker":
+        scale = scale or (0.08, 1.0)
+        ops = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        default_min, jitter, blur_p, solarize_p = RECIPES[recipe]
+        scale = scale or (default_min, 1.0)
+        ops = [
+            v2.RandomResizedCrop(size, scale=scale, antialias=True),
+            v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+        if blur_kernel(size) and blur_p > 0:
+            ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_p))
+        if solarize_p > 0:
+            ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+        ops.append(v2.RandomHorizontalFlip())
+    if randaugment:
+        ops.append(v2.RandAugment(num_ops=2, magnitude=10))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(ops)
+
+
+def eval_transform(size):
+    """Center view for kNN and probes: resize to size/0.875 and center-crop (ImageNet: 256 -> 224);
+    images of 64 px and less are used whole (resize shorter side to size, center-crop)."""
+    resize = size if size <= 64 else round(size * 256 / 224)
+    return v2.Compose([
+        v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------
+# ScaleMix (source): mix two views of one image by a box of random scale
+# ---------------------------------------------------------------------------------------------
+# +-----------------------------------------------------------------------------------------+
+# | ScaleMix raises the source's variance: a box of the second view, of random size and     |
+# | position, pastes a differently scaled crop into the first. It yields one standard-size |
+# | view and, unlike CutMix, mixes no labels (there are none).                              |
+# +-----------------------------------------------------------------------------------------+
+def scalemix_box(height, width, lam, center_y, center_x):
+    """Box (y0, y1, x0, x1) of sides sqrt(1-lam)*(H, W) around (center_y, center_x), clipped.
+    Heights go with rows and widths with columns (the official code swaps them)."""
+    cut = math.sqrt(1.0 - lam)
+    half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
+    y0, y1 = max(center_y - half_h, 0), min(center_y + half_h, height)
+    x0, x1 = max(center_x - half_w, 0), min(center_x + half_w, width)
+    return y0, y1, x0, x1
+
+
+def scalemix(x1, x2):
+    """x1, x2: CxHxW views of one image -> x1 with a random box (lam ~ U(0,1)) taken from x2."""
+    height, width = x1.shape[-2:]
+    lam = torch.rand(()).item()
+    center_y, center_x = torch.randint(height, ()).item(), torch.randint(width, ()).item()
+    y0, y1, x0, x1_ = scalemix_box(height, width, lam, center_y, center_x)
+    mixed = x1.clone()
+    mixed[:, y0:y1, x0:x1_] = x2[:, y0:y1, x0:x1_]
+    return mixed
+
+
+# ---------------------------------------------------------------------------------------------
+# Views: the source views and the target views of one image
+# ---------------------------------------------------------------------------------------------
+class Views:
+    """Image -> {"source": n_s x 3xSxS, "target": n_t x 3xSxS, and where MultiCrop is placed,
+    "source_small" / "target_small": m x 3xsxs}.
+
+    framework: which recipe pair is the "default" augmentation (FRAMEWORK_RECIPES).
+    source_aug / target_aug: "weaker" | "default" | "stronger" (AsymAug = stronger/weaker).
+    n_source / n_target: standard views per encoder (MeanEnc averages the n_t target encodings).
+    multicrop: m small crops, placed on multicrop_on ("source" | "target" | "both").
+    scalemix_on: None | "source" | "target" | "both": those standard views are ScaleMix views.
+    """
+
+    def __init__(self, size, framework="mocov2", source_aug="default", target_aug="default",
+                 n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None):
+        self.n_source, self.n_target, self.scalemix_on = n_source, n_target, scalemix_on
+        self.multicrop, self.multicrop_on = multicrop, multicrop_on
+        recipes = FRAMEWORK_RECIPES[framework]
+        self.transforms = {}
+        for encoder, aug, recipe in (("source", source_aug, recipes[0]), ("target", target_aug, recipes[1])):
+            recipe = "weaker" if aug == "weaker" else recipe
+            stronger = aug == "stronger"
+            # with MultiCrop the standard crops give the smallest scales to the small crops
+            standard_scale = (MULTICROP_SCALE[1], 1.0) if multicrop else None
+            self.transforms[encoder] = view_transform(recipe, size, standard_scale, stronger)
+            self.transforms[encoder + "_small"] = view_transform(
+                recipe, small_crop_size(size), MULTICROP_SCALE, stronger)
+
+    def _standard(self, encoder, image, n):
+        t = self.transforms[encoder]
+        if self.scalemix_on in (encoder, "both"):
+            return torch.stack([scalemix(t(image), t(image)) for _ in range(n)])
+        return torch.stack([t(image) for _ in range(n)])
+
+    def __call__(self, image):
+        image = v2.functional.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+        views = {"source": self._standard("source", image, self.n_source),
+                 "target": self._standard("target", image, self.n_target)}
+        for encoder in ("source", "target"):
+            if self.multicrop and self.multicrop_on in (encoder, "both"):
+                t = self.transforms[encoder + "_small"]
+                views[encoder + "_small"] = torch.stack([t(image) for _ in range(self.multicrop)])
+        return views
+
+
+def collate_views(samples):
+    """[(views, label)] -> ({kind: (n*B)x3xHxW}, labels B). View-major: rows i*B..(i+1)*B-1 are
+    view i of every image, so equal-resolution views run in one forward and chunk(n) splits them."""
+    kinds = samples[0][0].keys()
+    batch = {k: torch.stack([views[k] for views, _ in samples], dim=1).flatten(0, 1) for k in kinds}
+    return batch, torch.tensor([label for _, label in samples])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sets: ImageFolder roots, torchvision names, and a built-in synthetic one
+# ---------------------------------------------------------------------------------------------
+class InputError(ValueError):
+    """Bad user input (data, sizes, checkpoint): reported as one line before work starts."""
+
+
+def load_rgb(path):
+    """Any PIL-readable image (grayscale, CMYK, RGBA, palette, 16-bit) -> RGB; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+    except Exception as e:  # PIL raises many types for corrupt or truncated files
+        raise InputError(f"cannot read image {path}: {e}") from None
+    if image.mode in ("RGBA", "LA", "P"):  # composite transparency on white, not on black
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    if image.mode == "I;16" or image.mode == "I":  # 16/32-bit grayscale: scale to 8 bits
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Wraps a (image, label) data set; seeds the augmentation of each sample from (seed, epoch, index).
+
+    The views of an image then do not depend on worker count, world size or batch order, so
+    a resumed run sees exactly the views of an uninterrupted one, and 1 process == 2 processes.
+    skip_bad: replace an unreadable image by the next readable one, with a warning.
+    """
+
+    def __init__(self, base, transform, seed=0, skip_bad=False):
+        self.base, self.transform, self.seed, self.skip_bad = base, transform, seed, skip_bad
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        for offset in range(len(self.base)):
+            try:
+                image, label = self.base[(index + offset) % len(self.base)]
+                break
+            except InputError as e:
+                if not self.skip_bad:
+                    raise
+                warnings.warn(f"skipping: {e}")
+        # seed the global torch RNG (which the v2 transforms draw from) for this sample only;
+        # restore it after, so that a loader without workers leaves the caller's stream alone
+        state = torch.get_rng_state()
+        torch.random.default_generator.manual_seed(
+            ((self.seed * 1_000_003 + self.epoch) * len(self.base) + index) % 2**63)
+        views = self.transform(image)
+        torch.set_rng_state(state)
+        return views, label
+
+
+SYNTHETIC_CLASSES = ("circle", "square", "triangle", "plus", "ring",
+                     "star", "stripes", "checker", "crescent", "ell")
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """A built-in, deterministic data set with real class structure: one shape per class
+    (SYNTHETIC_CLASSES) of random size, position, rotation and colour on a noisy random
+    background, drawn at 64x64. Colour carries no class information (and colour jitter removes
+    it anyway), so a network must learn shape to separate the classes. Train 5000, test 1000."""
+
+    def __init__(self, split="train", size=64):
+        self.split, self.size = split, size
+        self.n = 5000 if split == "train" else 1000
+        self.targets = [i % len(SYNTHETIC_CLASSES) for i in range(self.n)]
+        self.classes = list(SYNTHETIC_CLASSES)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        label = self.targets[index]
+        rng = np.random.default_rng([0 if self.split == "train" else 1, index])
+        s = self.size
+        background = rng.integers(0, 256, 3)
+        noise = rng.normal(0, 20, (s, s, 3))
+        image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
+        # the shape's colour differs from the background by at least 96 in one channel
+        color = (background + rng.integers(96, 160, 3) * rng.choice([-1, 1], 3)) % 256
+        color = tuple(int(c) for c in color)
+        r = rng.uniform(0.22, 0.38) * s  # half-size of the shape
+        cx, cy = rng.uniform(r, s - r, 2)
+        angle = rng.uniform(0, 2 * math.pi)
+        draw = ImageDraw.Draw(image)
+        name = SYNTHETIC_CLASSES[label]
+
+        def polygon(points):  # rotate unit-scale points by angle, place at (cx, cy)
+            c, si = math.cos(angle), math.sin(angle)
+            draw.polygon([(cx + r * (x * c - y * si), cy + r * (x * si + y * c)) for x, y in points], fill=color)
+
+        if name == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        elif name == "square":
+            polygon([(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)])
+        elif name == "triangle":
+            polygon([(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
+        elif name == "plus":
+            polygon([(-1, -0.3), (1, -0.3), (1, 0.3), (-1, 0.3)])
+            polygon([(-0.3, -1), (0.3, -1), (0.3, 1), (-0.3, 1)])
+        elif name == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+            q = 0.55 * r
+            draw.ellipse([cx - q, cy - q, cx + q, cy + q], fill=tuple(int(b) for b in background))
+        elif name == "star":
+            polygon([((1.0 if k % 2 == 0 else 0.4) * math.cos(k * math.pi / 5 - math.pi / 2),
+                      (1.0 if k % 2 == 0 else 0.4) * math.sin(k * math.pi / 5 - math.pi / 2)) for k in range(10)])
+        elif name == "stripes":
+            for y in (-0.9, -0.3, 0.3):
+                polygon([(-0.9, y), (0.9, y), (0.9, y + 0.35), (-0.9, y + 0.35)])
+        elif name == "checker":
+            for i in range(3):
+                for j in range(3):
+                    if (i + j) % 2 == 0:
+                        x0, y0 = -0.9 + 0.6 * i, -0.9 + 0.6 * j
+                        polygon([(x0, y0), (x0 + 0.6, y0), (x0 + 0.6, y0 + 0.6), (x0, y0 + 0.6)])
+        elif name == "crescent":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+            dx, dy = 0.5 * r * math.cos(angle), 0.5 * r * math.sin(angle)
+            draw.ellipse([cx + dx - r, cy + dy - r, cx + dx + r, cy + dy + r], fill=tuple(int(b) for b in background))
+        elif name == "ell":
+            polygon([(-0.8, -1), (-0.3, -1), (-0.3, 0.5), (0.8, 0.5), (0.8, 1), (-0.8, 1)])
+        return image, label
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """An ImageFolder split (root/<class>/<image>) read with load_rgb."""
+
+    def __init__(self, root):
+        folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
+        if not folder.samples:
+            raise InputError(f"no images found under {root}")
+        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        return load_rgb(path), label
+
+
+TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}
+
+
+def base_dataset(data, split, data_root="data"):
+    """data: "synthetic" | "cifar10" | "cifar100" | "stl10" | an ImageFolder root with train/ and
+    val/ (or test/). split: "train" (pretraining images), "train_labeled" (labelled training
+    images: the kNN bank; differs from "train" for STL-10 only) or "test" (held out)."""
+    if data == "synthetic":
+        return SyntheticShapes("train" if split.startswith("train") else "test")
+    if data in TORCHVISION_SETS:
+        cls = getattr(torchvision.datasets, TORCHVISION_SETS[data])
+        root = os.path.join(data_root, data)
+        if data == "stl10":
+            kwargs = {"split": {"train": "train+unlabeled", "train_labeled": "train", "test": "test"}[split]}
+        else:
+            kwargs = {"train": split.startswith("train")}
+        try:
+            return cls(root, download=False, **kwargs)
+        except RuntimeError:
+            pass  # not there yet: try to download
+        try:
+            return cls(root, download=True, **kwargs)
+        except Exception as e:
+            raise InputError(f"{data} is not in {root} and could not be downloaded ({type(e).__name__}: {e}); "
+                             f"download it elsewhere and copy it to {root}, or pass --data-root") from None
+    if not os.path.isdir(data):
+        raise InputError(f"--data {data}: no such directory (and not one of synthetic, {', '.join(TORCHVISION_SETS)})")
+    names = ["train"] if split.startswith("train") else ["val", "test"]
+    for name in names:
+        if os.path.isdir(os.path.join(data, name)):
+            return ImageFiles(os.path.join(data, name))
+    raise InputError(f"--data {data}: expected an ImageFolder root with a {' or '.join(names)}/ folder")
+
+
+def dataset(data, split, transform, data_root="data", seed=0, skip_bad=False):
+    """base_dataset(data, split) with a per-sample-seeded transform (SeededDataset)."""
+    return SeededDataset(base_dataset(data, split, data_root), transform, seed, skip_bad)
