@@ -285,7 +285,6 @@ def build_encoders(args, device):
     torch.manual_seed(args.seed)
     source, target = Encoder(args).to(device), Encoder(args).to(device)
     target.load_state_dict(source.state_dict())
-    target.requires_grad_(False)
     group = syncbn_group(args)
     # +-------------------------------------------------------------------------------------+
     # | AsymBN: SyncBN in the target projector normalises by the statistics of the whole    |
@@ -298,6 +297,7 @@ def build_encoders(args, device):
     if args.bn_splits > 1:  # every remaining per-device BN of the target sees 1/splits of the batch
         replace_bn(target, lambda bn: SplitBatchNorm(bn.num_features, args.bn_splits, eps=bn.eps,
                                                      momentum=bn.momentum, affine=bn.affine))
+    target.requires_grad_(False)
     if args.channels_last:
         source, target = source.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
     return source, target
@@ -597,6 +597,8 @@ def train(args):
         raise augment.InputError(f"--resume {args.resume}: no such file")
     bank_loader, test_loader = eval_loader(bank_set, args), eval_loader(test_set, args)
     last_step = min(total_steps, args.max_steps or total_steps)
+    if step == 0 and args.knn_every > 0:  # the initial encoder's accuracy: the reference to beat
+        log(args, {"epoch": 0.0, "step": 0, "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
 
     while step < last_step:
         epoch = step // steps_per_epoch

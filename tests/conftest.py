@@ -1,0 +1,69 @@
+"""Shared helpers: run a script (1 process or torchrun), read its JSON-lines log, the CIFAR-10 copy."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
+# small and fast: ImageNet stem at 32 px, tiny queue, no kNN unless a test asks
+FAST = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",
+        "--queue-size", "64", "--workers", "0", "--print-freq", "1", "--knn-every", "-1", "--epochs", "2"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script, args, nproc=1, check=True, timeout=300):
+    """Run `script` with `args` in 1 process or under torchrun with gloo; -> CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(ROOT, script)] + list(args)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", os.path.join(ROOT, script)] + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(output_dir):
+    return {r["step"]: r["loss"] for r in read_log(output_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def cifar10(tmp_path_factory):
+    """A small ImageFolder subset (train 50/class, test 20/class) of ../shared's real CIFAR-10."""
+    if not os.path.exists(CIFAR_TAR):
+        pytest.skip(f"{CIFAR_TAR} not present")
+    out = tmp_path_factory.mktemp("cifar10")
+    counts = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) < 4:
+                continue
+            split, cls = parts[-3], parts[-2]
+            key = (split, cls)
+            if counts.get(key, 0) >= (50 if split == "train" else 20):
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            os.makedirs(out / split / cls, exist_ok=True)
+            with tar.extractfile(member) as src, open(out / split / cls / parts[-1], "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return str(out)

@@ -1,0 +1,227 @@
+"""augment.py: ScaleMix geometry and provenance, MultiCrop and MeanEnc views, AsymAug recipes,
+collate order, per-sample seeding, image decoding and data-set errors."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+import augment
+
+
+# ---- ScaleMix --------------------------------------------------------------------------------
+@pytest.mark.parametrize("height,width", [(32, 32), (20, 48), (60, 24)])
+def test_scalemix_box_sides_follow_height_and_width(height, width):
+    for lam in (0.0, 0.19, 0.5, 0.84):
+        cut = math.sqrt(1 - lam)
+        # centred box: not clipped, sides are sqrt(1-lam) of each axis (rounded down to even)
+        y0, y1, x0, x1 = augment.scalemix_box(height, width, lam, height // 2, width // 2)
+        assert y1 - y0 == 2 * (int(height * cut) // 2)
+        assert x1 - x0 == 2 * (int(width * cut) // 2)
+    # a corner centre clips the box to the image
+    assert augment.scalemix_box(height, width, 0.0, 0, 0) == (0, height // 2, 0, width // 2)
+    assert augment.scalemix_box(height, width, 0.0, height - 1, width - 1) == (
+        height - 1 - height // 2, height, width - 1 - width // 2, width)
+
+
+@pytest.mark.parametrize("height,width", [(24, 24), (16, 40)])
+def test_scalemix_pixels_inside_the_box_come_from_the_second_view(height, width):
+    torch.manual_seed(0)
+    ratios = []
+    for _ in range(200):
+        first, second = torch.zeros(3, height, width), torch.ones(3, height, width)
+        mixed = augment.scalemix(first, second)
+        assert torch.equal(mixed[0], mixed[1]) and torch.equal(mixed[0], mixed[2])
+        rows, cols = mixed[0].nonzero(as_tuple=True)
+        if len(rows) == 0:
+            continue
+        y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert mixed[0, y0:y1, x0:x1].all() and mixed[0].sum() == (y1 - y0) * (x1 - x0)  # one rectangle
+        assert x1 - x0 <= width and y1 - y0 <= height
+        if 0 < y0 and y1 < height and 0 < x0 and x1 < width:  # unclipped: aspect follows the image
+            ratios.append(((x1 - x0) / (y1 - y0)).item())
+    assert ratios and abs(np.median(ratios) - width / height) < 0.25 * width / height
+    assert torch.equal(first, torch.zeros(3, height, width))  # the input is left alone
+
+
+# ---- MultiCrop, MeanEnc, placements ----------------------------------------------------------
+def shapes(views):
+    return {k: tuple(v.shape) for k, v in views.items()}
+
+
+@pytest.fixture
+def image():
+    return augment.SyntheticShapes("train")[7][0]
+
+
+def test_multicrop_view_counts_and_sizes(image):
+    assert augment.small_crop_size(224) == 96 and augment.small_crop_size(32) == 16
+    assert shapes(augment.Views(32)(image)) == {"source": (1, 3, 32, 32), "target": (1, 3, 32, 32)}
+    assert shapes(augment.Views(32, multicrop=6)(image)) == {
+        "source": (1, 3, 32, 32), "target": (1, 3, 32, 32), "source_small": (6, 3, 16, 16)}
+    assert shapes(augment.Views(224, multicrop=2, multicrop_on="target")(image)) == {
+        "source": (1, 3, 224, 224), "target": (1, 3, 224, 224), "target_small": (2, 3, 96, 96)}
+    assert set(augment.Views(32, multicrop=2, multicrop_on="both")(image)) == {
+        "source", "target", "source_small", "target_small"}
+    views = augment.Views(224, multicrop=6)
+    assert views.transforms["source"].transforms[0].scale == (0.14, 1.0)
+    assert views.transforms["source_small"].transforms[0].scale == (0.05, 0.14)
+    assert augment.Views(224).transforms["source"].transforms[0].scale == (0.2, 1.0)  # MoCo v2 default
+
+
+def test_mean_enc_views(image):
+    assert shapes(augment.Views(32, n_source=1, n_target=3)(image))["target"] == (3, 3, 32, 32)
+    views = augment.Views(32, n_target=2)(image)["target"]
+    assert not torch.equal(views[0], views[1])  # two independent augmentations
+
+
+def test_scalemix_placement(image):
+    tensor = v2.functional.pil_to_tensor(image)
+    scalemixed, plain = augment.Views(32, scalemix_on="source"), augment.Views(32)
+
+    def standard(views, encoder, seed):
+        torch.manual_seed(seed)
+        return views._standard(encoder, tensor, 1)
+    # the source view is a different (mixed) view, the target view is the plain one
+    assert not torch.equal(standard(scalemixed, "source", 1), standard(plain, "source", 1))
+    assert torch.equal(standard(scalemixed, "target", 1), standard(plain, "target", 1))
+    both = augment.Views(32, scalemix_on="both")
+    assert not torch.equal(standard(both, "target", 1), standard(plain, "target", 1))
+
+
+# ---- AsymAug ---------------------------------------------------------------------------------
+def op_types(transform):
+    return [type(t).__name__ for t in transform.transforms]
+
+
+def test_weaker_is_crop_and_flip_only_stronger_adds_randaugment_after_flip():
+    weaker = augment.view_transform("weaker", 224)
+    assert op_types(weaker) == ["RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
+    assert weaker.transforms[0].scale == (0.08, 1.0)
+    default = op_types(augment.view_transform("mocov2", 224))
+    stronger = augment.view_transform("mocov2", 224, randaugment=True)
+    assert op_types(stronger) == default[:-2] + ["RandAugment", "ToDtype", "Normalize"]
+    assert default.index("RandomHorizontalFlip") == len(default) - 3
+    ra = stronger.transforms[-3]
+    assert ra.num_ops == 2 and ra.magnitude == 10
+    views = augment.Views(32, source_aug="stronger", target_aug="weaker")
+    assert "RandAugment" in op_types(views.transforms["source"])
+    assert op_types(views.transforms["target"])[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+
+
+def test_weaker_keeps_colour_default_changes_it():
+    """A flat-colour image: crop and flip cannot change it, the MoCo v2 recipe's colour ops do."""
+    flat = torch.tensor([200, 40, 90], dtype=torch.uint8).view(3, 1, 1).expand(3, 48, 48).clone()
+    torch.manual_seed(0)
+    weaker = augment.view_transform("weaker", 32)
+    default = augment.view_transform("mocov2", 32)
+    target_colour = weaker(flat)[:, 0, 0]
+    assert all(torch.allclose(weaker(flat), target_colour.view(3, 1, 1).expand(3, 32, 32), atol=1e-5) for _ in range(20))
+    changed = sum(not torch.allclose(default(flat)[:, 0, 0], target_colour, atol=1e-3) for _ in range(50))
+    assert changed >= 30  # jitter p=0.8, grayscale p=0.2
+
+
+def test_recipes_blur_and_solarize():
+    assert augment.blur_kernel(224) == 23 and augment.blur_kernel(32) == 0
+    byol1, byol2 = (op_types(augment.view_transform(r, 224)) for r in ("byol1", "byol2"))
+    assert "RandomSolarize" not in byol1 and "RandomSolarize" in byol2
+    blur_p = [augment.view_transform(r, 224).transforms[3].p for r in ("byol1", "byol2")]
+    assert blur_p == [1.0, 0.1]
+    assert "RandomApply" in op_types(augment.view_transform("mocov2", 32))  # jitter stays
+    assert "GaussianBlur" not in str(augment.view_transform("mocov2", 32))  # no blur at 32 px
+
+
+# ---- collate and seeding ---------------------------------------------------------------------
+def test_collate_is_view_major():
+    # image i, view j is filled with the value 10 i + j
+    samples = [({"source": torch.stack([torch.full((3, 4, 4), float(10 * i + j)) for j in range(2)])}, i)
+               for i in range(3)]
+    batch, labels = augment.collate_views(samples)
+    assert batch["source"].shape == (6, 3, 4, 4) and labels.tolist() == [0, 1, 2]
+    # row j*B + i is view j of image i
+    assert [batch["source"][r, 0, 0, 0].item() for r in range(6)] == [0, 10, 20, 1, 11, 21]
+
+
+def test_views_are_seeded_per_sample_and_epoch():
+    ds = augment.dataset("synthetic", "train", augment.Views(32, n_target=2), seed=3)
+    a = ds[11][0]["source"]
+    torch.rand(5)  # the caller's RNG does not matter ...
+    assert torch.equal(ds[11][0]["source"], a)
+    state = torch.get_rng_state()
+    ds[12]
+    assert torch.equal(torch.get_rng_state(), state)  # ... and is left alone
+    ds.epoch = 1
+    assert not torch.equal(ds[11][0]["source"], a)
+    other_seed = augment.dataset("synthetic", "train", augment.Views(32), seed=4)
+    assert not torch.equal(other_seed[11][0]["source"], a)
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    train, test = augment.SyntheticShapes("train"), augment.SyntheticShapes("test")
+    assert len(train) == 5000 and len(test) == 1000
+    assert np.array_equal(np.asarray(train[5][0]), np.asarray(train[5][0]))
+    assert not np.array_equal(np.asarray(train[5][0]), np.asarray(test[5][0]))
+    assert np.bincount(train.targets).tolist() == [500] * 10
+
+
+# ---- images on disk --------------------------------------------------------------------------
+def write_odd_images(folder):
+    os.makedirs(folder / "a", exist_ok=True)
+    os.makedirs(folder / "b", exist_ok=True)
+    Image.new("L", (40, 30), 128).save(folder / "a" / "gray.png")
+    Image.new("CMYK", (40, 30), (0, 255, 0, 0)).save(folder / "a" / "cmyk.jpg")
+    Image.new("RGBA", (40, 30), (255, 0, 0, 0)).save(folder / "b" / "rgba.png")
+    Image.new("RGB", (5, 3), (0, 0, 255)).save(folder / "b" / "tiny.png")
+    Image.fromarray(np.full((30, 40), 60000, dtype=np.uint16)).save(folder / "b" / "deep.png")
+
+
+def test_odd_images_become_rgb_views(tmp_path):
+    write_odd_images(tmp_path / "train")
+    ds = augment.dataset(str(tmp_path), "train", augment.Views(32, multicrop=2))
+    assert len(ds) == 5
+    for i in range(len(ds)):
+        views, _ = ds[i]
+        assert views["source"].shape == (1, 3, 32, 32) and views["source_small"].shape == (2, 3, 16, 16)
+    assert augment.load_rgb(tmp_path / "train" / "b" / "rgba.png").getpixel((0, 0)) == (255, 255, 255)
+    assert augment.load_rgb(tmp_path / "train" / "a" / "cmyk.jpg").mode == "RGB"
+    assert augment.load_rgb(tmp_path / "train" / "b" / "deep.png").getpixel((0, 0)) == (234, 234, 234)
+
+
+def test_corrupt_image_names_the_file_or_is_skipped(tmp_path):
+    write_odd_images(tmp_path / "train")
+    bad = tmp_path / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    ds = augment.dataset(str(tmp_path), "train", augment.Views(32))
+    index = [p for p, _ in ds.base.samples].index(str(bad))
+    with pytest.raises(augment.InputError, match="broken.jpg"):
+        ds[index]
+    skipping = augment.dataset(str(tmp_path), "train", augment.Views(32), skip_bad=True)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        views, label = skipping[index]
+    assert views["source"].shape == (1, 3, 32, 32)
+
+
+def test_data_set_errors(tmp_path):
+    with pytest.raises(augment.InputError, match="no such directory"):
+        augment.base_dataset(str(tmp_path / "missing"), "train")
+    with pytest.raises(augment.InputError, match="train/"):
+        augment.base_dataset(str(tmp_path), "train")
+    (tmp_path / "train" / "empty_class").mkdir(parents=True)
+    with pytest.raises(augment.InputError, match="no images"):
+        augment.base_dataset(str(tmp_path), "train")
+    write_odd_images(tmp_path / "test")
+    assert len(augment.base_dataset(str(tmp_path), "test")) == 5  # test/ when there is no val/
+
+
+def test_torchvision_set_without_network_says_where_to_put_it(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(augment.InputError, match=f"cifar10 is not in {tmp_path}"):
+        augment.base_dataset("cifar10", "train", str(tmp_path))

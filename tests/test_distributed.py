@@ -1,0 +1,150 @@
+"""Two processes (gloo) against one: shuffled BN unshuffles, AsymBN's statistics are the global
+batch's, and the loss of the first steps does not depend on how the global batch is split."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import augment
+import mocov2_asym as moco
+from conftest import free_port
+
+
+def spawn(fn, *args):
+    """Run fn(rank, out_dir, *args) in 2 gloo processes; -> the dicts each rank saved."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_entry, args=(port, fn, out, args), nprocs=2, join=True)
+        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=True) for r in range(2)]
+
+
+def _entry(rank, port, fn, out, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(fn(rank, *args), os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- shuffled BN -----------------------------------------------------------------------------
+class CenterBatch(nn.Module):
+    """An 'encoder' whose output depends on its batch: x minus the batch mean."""
+
+    def forward(self, views):
+        return [x.flatten(1) - x.flatten(1).mean(0) for x in views]
+
+
+def global_images():
+    return torch.randn(8, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+
+
+def _shuffle(rank):
+    x = global_images()[4 * rank:4 * rank + 4]
+    torch.manual_seed(123)
+    out = moco.target_encode(CenterBatch(), x)
+    torch.manual_seed(123)
+    order = torch.randperm(8)  # the permutation rank 0 drew and broadcast
+    return {"out": out, "order": order}
+
+
+def test_shuffled_bn_encodings_come_back_to_their_images():
+    results = spawn(_shuffle)
+    flat = global_images().flatten(1)
+    order = results[0]["order"]
+    expected = torch.empty_like(flat)
+    for group in order.view(2, 4):  # each process normalised one random half of the global batch
+        expected[group] = flat[group] - flat[group].mean(0)
+    got = torch.cat([r["out"] for r in results])
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got[:4], flat[:4] - flat[:4].mean(0))  # a shuffle really happened
+
+
+# ---- AsymBN ----------------------------------------------------------------------------------
+def bn_args(syncbn_on):
+    args = moco.parse_args(["--arch", "resnet18", "--image-size", "32"])
+    args.syncbn_on = syncbn_on
+    return args
+
+
+def projector_input():
+    return torch.randn(8, 512, generator=torch.Generator().manual_seed(1)) * 2 + 1
+
+
+def _asym_bn(rank, syncbn_on):
+    source, target = moco.build_encoders(bn_args(syncbn_on), torch.device("cpu"))
+    h = projector_input()[4 * rank:4 * rank + 4].requires_grad_()
+    z_source = source.projector(h)
+    (z_source ** 2).sum().backward()
+    return {"source": z_source.detach(), "target": target.projector(h.detach()), "grad": h.grad,
+            "source_mean": source.projector[1].running_mean, "target_mean": target.projector[1].running_mean}
+
+
+@pytest.mark.parametrize("syncbn_on", ["target", "both"])
+def test_asym_bn_target_uses_global_statistics_source_keeps_its_own(syncbn_on):
+    results = spawn(_asym_bn, syncbn_on)
+    source, target = moco.build_encoders(bn_args(None), torch.device("cpu"))  # plain BN, one process
+    h = projector_input()
+    whole = target.projector(h)  # BN over the whole global batch
+    assert torch.allclose(torch.cat([r["target"] for r in results]), whole, atol=1e-4)
+    assert torch.allclose(results[0]["target_mean"], target.projector[1].running_mean, atol=1e-5)
+    if syncbn_on == "target":  # the source normalises each process's half on its own
+        halves = torch.cat([source.projector(h[:4]), source.projector(h[4:])])
+        assert torch.allclose(torch.cat([r["source"] for r in results]), halves, atol=1e-4)
+        assert not torch.allclose(halves, whole, atol=1e-2)
+    else:  # SyncBN on the source too: outputs and input gradients of the global batch
+        h.requires_grad_()
+        z = source.projector(h)
+        (z ** 2).sum().backward()
+        assert torch.allclose(torch.cat([r["source"] for r in results]), z.detach(), atol=1e-4)
+        assert torch.allclose(torch.cat([r["grad"] for r in results]), h.grad, atol=1e-4)
+
+
+# ---- the loss does not depend on the split of the global batch -------------------------------
+DESIGNS = ["--multicrop", "2", "--mean-enc", "2", "--scalemix", "--asym-aug", "--asym-bn", "--sym",
+           "--queue-size", "32", "--batch-size", "8", "--arch", "resnet18", "--image-size", "32", "--workers", "0"]
+
+
+def two_steps():
+    """Two training steps of the script's pieces, with every BN global so that per-process
+    statistics (a per-device design choice of MoCo v2) do not enter; -> the two losses."""
+    args = moco.parse_args(DESIGNS)
+    args.amp = "off"
+    source, target = moco.build_encoders(args, torch.device("cpu"))
+    source, target = moco.sync_bn(source, None), moco.sync_bn(target, None)
+    queue = moco.Queue(args.queue_size, args.dim)
+    model = nn.parallel.DistributedDataParallel(source) if moco.world_size() > 1 else source
+    optimizer = torch.optim.SGD(source.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    train_set = augment.dataset("synthetic", "train", moco.make_views(args), seed=args.seed)
+    losses = []
+    for batch, _ in moco.train_loader(train_set, 0, 0, args):
+        loss, _, keys = moco.train_step(model, target, queue, batch, args)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        moco.momentum_update(target, source, args.ema)
+        queue.dequeue_and_enqueue(keys)
+        global_loss = loss.detach().clone()
+        if moco.world_size() > 1:
+            dist.all_reduce(global_loss)
+            global_loss /= moco.world_size()
+        losses.append(global_loss.item())
+        if len(losses) == 2:
+            return torch.tensor(losses)
+
+
+def _two_steps(rank):
+    return {"losses": two_steps()}
+
+
+def test_two_processes_with_half_batches_equal_one_with_the_whole():
+    torch.set_num_threads(1)
+    one = two_steps()
+    two = spawn(_two_steps)
+    assert torch.allclose(two[0]["losses"], two[1]["losses"])
+    assert torch.allclose(two[0]["losses"], one, rtol=1e-4), (one, two[0]["losses"])
+    assert one[0] != one[1]

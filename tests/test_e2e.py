@@ -1,0 +1,159 @@
+"""mocov2_asym.py end to end: every design under torchrun, resume == uninterrupted, the saved
+backbone in torchvision, NaN handling, and one clear error line for bad input."""
+import hashlib
+import math
+import os
+
+import pytest
+import torch
+import torchvision
+
+import augment
+from conftest import FAST, read_log, run_script, step_losses
+
+SCRIPT = "mocov2_asym.py"
+DESIGNS = {
+    "baseline": [],
+    "multicrop": ["--multicrop", "2"],
+    "scalemix": ["--scalemix"],
+    "asym-aug": ["--asym-aug"],
+    "asym-bn": ["--asym-bn"],
+    "mean-enc": ["--mean-enc", "2"],
+    "sym": ["--sym"],
+    "placements": ["--multicrop-on", "both", "--multicrop", "2", "--multicrop-per-crop", "--scalemix-on", "target",
+                   "--syncbn-on", "both", "--source-aug", "weaker", "--target-aug", "stronger", "--mean-enc-source", "2"],
+    "all": ["--multicrop", "2", "--scalemix", "--asym-aug", "--asym-bn", "--mean-enc", "2", "--bn-splits", "2"],
+}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_design_runs_under_torchrun(design, tmp_path):
+    run_script(SCRIPT, FAST + DESIGNS[design] + ["--max-steps", "2", "--output-dir", str(tmp_path)], nproc=2)
+    records = [r for r in read_log(tmp_path) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert math.isfinite(r["loss"]) and 0 < r["std_source"] < 1.5 and 0 < r["std_target"] < 1.5
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["args"]["batch_size"] == 16
+    if design == "all":
+        assert (ckpt["args"]["multicrop_on"], ckpt["args"]["scalemix_on"], ckpt["args"]["syncbn_on"]) == ("source", "source", "target")
+        assert (ckpt["args"]["source_aug"], ckpt["args"]["target_aug"]) == ("stronger", "weaker")
+    if design == "sym":  # two keys per image enter the queue: its pointer moved twice as far
+        assert ckpt["queue"]["_extra_state"] == (2 * 2 * 16) % 64
+
+
+def small_image_folder(root, n_train=48, n_test=16):
+    """PNG files of the synthetic shapes in ImageFolder layout."""
+    for split, n, source in (("train", n_train, augment.SyntheticShapes("train")), ("test", n_test, augment.SyntheticShapes("test"))):
+        for i in range(n):
+            image, label = source[i]
+            os.makedirs(root / split / str(label), exist_ok=True)
+            image.save(root / split / str(label) / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return small_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+def test_resume_equals_uninterrupted(folder, tmp_path):
+    """3 steps an epoch; stop mid-epoch (2), at an epoch's end (3) and resume: the same losses
+    and weights as one run, also with another number of data workers."""
+    common = FAST + ["--data", folder, "--epochs", "3", "--mean-enc", "2", "--scalemix", "--bn-splits", "2"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_script(SCRIPT, common + ["--max-steps", "7", "--output-dir", str(whole)])
+    for stop in ("2", "3", "7"):
+        run_script(SCRIPT, common + ["--max-steps", stop, "--workers", "1", "--output-dir", str(parts)])
+    assert [r["resumed"] for r in read_log(parts) if "resumed" in r] == [str(parts / "checkpoint.pth")] * 2
+    a, b = step_losses(whole), step_losses(parts)
+    assert sorted(a) == sorted(b) == list(range(1, 8))
+    assert all(a[s] == b[s] for s in a), (a, b)
+    ca = torch.load(whole / "checkpoint.pth", weights_only=True)
+    cb = torch.load(parts / "checkpoint.pth", weights_only=True)
+    for key in ("source", "target", "queue"):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key] if isinstance(ca[key][k], torch.Tensor))
+
+
+def test_backbone_loads_into_torchvision(folder, tmp_path):
+    run_script(SCRIPT, FAST + ["--data", folder, "--max-steps", "1", "--output-dir", str(tmp_path), "--knn-every", "0"])
+    backbone = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    net = torchvision.models.resnet18()
+    result = net.load_state_dict(backbone, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    source = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["source"]
+    assert torch.equal(net.layer4[1].conv2.weight, source["backbone.layer4.1.conv2.weight"])
+    knn = [r["knn_top1"] for r in read_log(tmp_path) if "knn_top1" in r]
+    assert len(knn) == 1 and 0 <= knn[0] <= 100
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+    args = FAST + ["--data", folder, "--output-dir", str(tmp_path)]
+    run_script(SCRIPT, args + ["--max-steps", "2"])
+    before = digest(tmp_path / "checkpoint.pth")
+    proc = run_script(SCRIPT, args + ["--lr", "1e30", "--max-steps", "6"], check=False)
+    assert proc.returncode == 1
+    assert "error: loss is nan" in proc.stderr or "error: loss is inf" in proc.stderr
+    assert digest(tmp_path / "checkpoint.pth") == before
+
+
+def error_line(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent/images"], "no such directory"),
+    (["--queue-size", "50"], "not a multiple of the 16 keys"),
+    (["--queue-size", "64", "--sym"], "not a multiple of the 32 keys"),
+    (["--arch", "vgg16"], "not a torchvision ResNet"),
+    (["--batch-size", "16", "--bn-splits", "16"], "--bn-splits 16"),
+    (["--resume", "/nonexistent/checkpoint.pth"], "no such file"),
+])
+def test_bad_input_is_one_error_line(args, message, tmp_path):
+    proc = run_script(SCRIPT, FAST + args + ["--output-dir", str(tmp_path)], check=False)
+    assert message in error_line(proc)
+    assert not os.path.exists(tmp_path / "checkpoint.pth")
+
+
+def test_wrong_or_corrupt_checkpoint_is_refused(folder, tmp_path):
+    run_script(SCRIPT, FAST + ["--data", folder, "--max-steps", "1", "--output-dir", str(tmp_path / "r18")])
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    for resume, arch in ((tmp_path / "junk.pth", "resnet18"), (tmp_path / "r18" / "checkpoint.pth", "resnet34")):
+        proc = run_script(SCRIPT, FAST + ["--data", folder, "--arch", arch, "--resume", str(resume),
+                                          "--output-dir", str(tmp_path / "new")], check=False)
+        assert "cannot resume from" in error_line(proc)
+    proc = run_script(SCRIPT, FAST + ["--data", folder, "--batch-size", "8", "--queue-size", "64",
+                                      "--output-dir", str(tmp_path / "r18")], check=False)
+    assert "steps per epoch" in error_line(proc)
+
+
+def test_batch_not_divisible_by_processes(tmp_path):
+    proc = run_script(SCRIPT, FAST + ["--batch-size", "15", "--queue-size", "60", "--output-dir", str(tmp_path)],
+                      nproc=2, check=False)
+    assert proc.returncode != 0 and "error: --batch-size 15 is not divisible by the 2 processes" in proc.stderr
+
+
+def test_corrupt_image_names_the_file_or_is_skipped(tmp_path):
+    root = tmp_path / "data"
+    small_image_folder(root, n_train=32, n_test=8)
+    (root / "train" / "3" / "broken.png").write_bytes(b"\x89PNG broken")
+    args = FAST + ["--data", str(root), "--max-steps", "2", "--output-dir", str(tmp_path / "run"), "--resume", "none"]
+    assert "broken.png" in error_line(run_script(SCRIPT, args + ["--batch-size", "32", "--queue-size", "64"], check=False))
+    run_script(SCRIPT, args + ["--skip-bad-images"])
+    assert len(step_losses(tmp_path / "run")) == 2
+
+
+def test_real_cifar10_images(cifar10, tmp_path):
+    run_script(SCRIPT, FAST + ["--data", cifar10, "--cifar-stem", "--max-steps", "2", "--knn-every", "0",
+                               "--asym-aug", "--multicrop", "2", "--output-dir", str(tmp_path)])
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    knn = [r["knn_top1"] for r in log if "knn_top1" in r]
+    assert len(knn) == 1 and 0 <= knn[0] <= 100
