@@ -535,6 +535,14 @@ def knn_accuracy(backbone, bank_loader, test_loader, device, args):
     return (scores.argmax(1) == test_labels).float().mean().item() * 100
 
 
+def check_finite(loss_value, source, step, args):
+    """Stop on a NaN or infinite loss or weight, before it reaches a checkpoint."""
+    weights_finite = bool(torch.stack([p.isfinite().all() for p in source.parameters()]).all())
+    if not (math.isfinite(loss_value) and weights_finite):
+        raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}, finite weights: {weights_finite}); "
+                                 f"stopped without saving, the last good checkpoint in {args.output_dir} is intact")
+
+
 def log(args, stats):
     if rank() == 0:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()), flush=True)
@@ -624,9 +632,7 @@ def train(args):
             window_steps += 1
             if step % args.print_freq == 0 or step == last_step or step % steps_per_epoch == 0:
                 loss_value = loss.item()  # also waits for the GPU, so the window's times are real
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {step}; stopped without saving "
-                                             f"(the last good checkpoint in {args.output_dir} is intact)")
+                check_finite(loss_value, source, step, args)
                 elapsed = time.time() - window_start
                 log(args, {"epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
                            "data_time": data_time / window_steps, "step_time": elapsed / window_steps,
@@ -636,6 +642,7 @@ def train(args):
             if step == last_step:
                 break
             tick = time.time()
+        check_finite(loss.item(), source, step, args)  # never save a diverged state
         save_checkpoint(args, step, steps_per_epoch, source, target, queue, optimizer, scaler)
         done = step == last_step
         if args.knn_every >= 0 and (done or (args.knn_every and step % (args.knn_every * steps_per_epoch) == 0)):
@@ -653,8 +660,9 @@ def main(argv=None):
     try:
         train(args)
     except (augment.InputError, FloatingPointError) as e:  # from this process or a data worker
-        if rank() == 0:
-            print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr, flush=True)
+        if rank() == 0:  # a worker's error arrives as its traceback: keep its last line, the message
+            message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
+            print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(e, augment.InputError) else 1)
 
 
