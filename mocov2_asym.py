@@ -15,8 +15,8 @@ Designs (the paper keeps the target's encoding variance below the source's):
     --mean-enc-source N place each design anywhere, as in the paper's case studies.
 
 Examples:
-    python mocov2_asym.py --data synthetic --arch resnet18 --image-size 32 --epochs 5 --batch-size 128 \\
-        --queue-size 4096 --lr 0.06 --ema 0.99 --bn-splits 4 --workers 2   # a few CPU minutes
+    python mocov2_asym.py --data synthetic --arch resnet18 --image-size 32 --epochs 6 --batch-size 128 \\
+        --queue-size 1024 --lr 0.06 --warmup-epochs 1 --ema 0.99 --bn-splits 4 --workers 2   # CPU minutes
     torchrun --nproc_per_node=8 mocov2_asym.py --data /path/to/imagenet --multicrop --asym-bn --mean-enc 2
 """
 import argparse
@@ -395,8 +395,8 @@ def simsiam_std(z):
 # +-----------------------------------------------------------------------------------------+
 def train_step(source, target, queue, batch, args):
     """One source/target pass and the loss. batch: {"source", "target", "source_small",
-    "target_small"} of (n*N)x3xHxW, view-major. Returns the loss and the monitor's encodings."""
-    n = len(batch["source"]) // args.mean_enc_source  # images in this process's batch
+    "target_small"}, each (views*N)x3xHxW, view-major. -> loss, q (NxD), keys to enqueue."""
+    n = len(batch["source"]) // args.mean_enc_source  # N, the images in this process's batch
     m = args.multicrop
     inputs = [batch["source"]]
     if args.sym:
@@ -405,22 +405,21 @@ def train_step(source, target, queue, batch, args):
         inputs += list(batch["source_small"].split(n)) if args.multicrop_per_crop else [batch["source_small"]]
     outputs = source(inputs)
     q = mean_encoding(outputs[0], args.mean_enc_source)
-    q_small = list(torch.cat(outputs[1 + args.sym:]).float().split(n)) if "source_small" in batch else []
-    q_small = [F.normalize(z, dim=1) for z in q_small]
-
     k = mean_encoding(target_encode(target, batch["target"]), args.mean_enc)
-    k_small = []
-    if "target_small" in batch:
-        k_small = [F.normalize(z, dim=1) for z in target_encode(target, batch["target_small"]).float().split(n)]
-
-    # each kind of pair (standard or small view on either side) counts once, as a mean over its pairs
     loss = infonce(q, k, queue.keys, args.temperature)
-    if q_small:
-        loss = loss + sum(infonce(z, k, queue.keys, args.temperature) for z in q_small) / m
-    if k_small:
-        loss = loss + sum(infonce(q, z, queue.keys, args.temperature) for z in k_small) / m
-    if q_small and k_small:
-        loss = loss + sum(infonce(a, b, queue.keys, args.temperature) for a in q_small for b in k_small) / m ** 2
+
+    # each kind of pair (a small crop on the source, the target or both) adds the mean over its pairs;
+    # small crops are view-major (m*N)xD, so repeating the standard encodings m times pairs them up
+    if "source_small" in batch:
+        q_small = F.normalize(torch.cat(outputs[1 + args.sym:]).float(), dim=1)
+        loss = loss + infonce(q_small, k.repeat(m, 1), queue.keys, args.temperature)
+    if "target_small" in batch:
+        k_small = F.normalize(target_encode(target, batch["target_small"]).float(), dim=1)
+        loss = loss + infonce(q.repeat(m, 1), k_small, queue.keys, args.temperature)
+    if "source_small" in batch and "target_small" in batch:  # all m x m pairs of small crops
+        every_q = q_small.view(m, 1, n, -1).expand(m, m, n, -1).reshape(m * m * n, -1)
+        every_k = k_small.view(1, m, n, -1).expand(m, m, n, -1).reshape(m * m * n, -1)
+        loss = loss + infonce(every_q, every_k, queue.keys, args.temperature)
     keys = [k]
     if args.sym:  # mirrored pair: the source encodes the target's views and vice versa
         q_mirror = mean_encoding(outputs[1], args.mean_enc)
@@ -609,10 +608,9 @@ def train(args):
         log(args, {"epoch": 0.0, "step": 0, "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
 
     while step < last_step:
-        epoch = step // steps_per_epoch
         window_start, window_steps, data_time = time.time(), 0, 0.0
         tick = time.time()
-        for batch, _ in train_loader(train_set, epoch, step % steps_per_epoch, args):
+        for batch, _ in train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if args.channels_last:
                 batch = {k: v.to(memory_format=torch.channels_last) for k, v in batch.items()}
@@ -634,7 +632,7 @@ def train(args):
                 loss_value = loss.item()  # also waits for the GPU, so the window's times are real
                 check_finite(loss_value, source, step, args)
                 elapsed = time.time() - window_start
-                log(args, {"epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
+                log(args, {"epoch": step / steps_per_epoch, "step": step, "loss": loss_value, "lr": lr,
                            "data_time": data_time / window_steps, "step_time": elapsed / window_steps,
                            "images_per_s": args.batch_size * window_steps / elapsed,
                            "std_source": simsiam_std(q), "std_target": simsiam_std(keys[:len(q)])})

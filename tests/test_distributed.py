@@ -65,8 +65,8 @@ def test_shuffled_bn_encodings_come_back_to_their_images():
 
 
 # ---- AsymBN ----------------------------------------------------------------------------------
-def bn_args(syncbn_on):
-    args = moco.parse_args(["--arch", "resnet18", "--image-size", "32"])
+def bn_args(syncbn_on, group_size=0):
+    args = moco.parse_args(["--arch", "resnet18", "--image-size", "32", "--syncbn-group-size", str(group_size)])
     args.syncbn_on = syncbn_on
     return args
 
@@ -75,8 +75,8 @@ def projector_input():
     return torch.randn(8, 512, generator=torch.Generator().manual_seed(1)) * 2 + 1
 
 
-def _asym_bn(rank, syncbn_on):
-    source, target = moco.build_encoders(bn_args(syncbn_on), torch.device("cpu"))
+def _asym_bn(rank, syncbn_on, group_size=0):
+    source, target = moco.build_encoders(bn_args(syncbn_on, group_size), torch.device("cpu"))
     h = projector_input()[4 * rank:4 * rank + 4].requires_grad_()
     z_source = source.projector(h)
     (z_source ** 2).sum().backward()
@@ -102,6 +102,14 @@ def test_asym_bn_target_uses_global_statistics_source_keeps_its_own(syncbn_on):
         (z ** 2).sum().backward()
         assert torch.allclose(torch.cat([r["source"] for r in results]), z.detach(), atol=1e-4)
         assert torch.allclose(torch.cat([r["grad"] for r in results]), h.grad, atol=1e-4)
+
+
+def test_syncbn_groups_of_one_process_are_per_process_bn():
+    results = spawn(_asym_bn, "target", 1)
+    _, target = moco.build_encoders(bn_args(None), torch.device("cpu"))
+    h = projector_input()
+    halves = torch.cat([target.projector(h[:4]), target.projector(h[4:])])
+    assert torch.allclose(torch.cat([r["target"] for r in results]), halves, atol=1e-4)
 
 
 # ---- the loss does not depend on the split of the global batch -------------------------------
