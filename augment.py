@@ -107,13 +107,13 @@ def eval_transform(size):
 # | view and, unlike CutMix, mixes no labels (there are none).                              |
 # +-----------------------------------------------------------------------------------------+
 def scalemix_box(height, width, lam, center_y, center_x):
-    """Box (y0, y1, x0, x1) of sides sqrt(1-lam)*(H, W) around (center_y, center_x), clipped.
-    Heights go with rows and widths with columns (the official code swaps them)."""
+    """Box (top, bottom, left, right) of sides sqrt(1-lam)*(H, W) around (center_y, center_x),
+    clipped to the image. Heights go with rows, widths with columns (the official code swaps them)."""
     cut = math.sqrt(1.0 - lam)
     half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
-    y0, y1 = max(center_y - half_h, 0), min(center_y + half_h, height)
-    x0, x1 = max(center_x - half_w, 0), min(center_x + half_w, width)
-    return y0, y1, x0, x1
+    top, bottom = max(center_y - half_h, 0), min(center_y + half_h, height)
+    left, right = max(center_x - half_w, 0), min(center_x + half_w, width)
+    return top, bottom, left, right
 
 
 def scalemix(x1, x2):
@@ -121,9 +121,9 @@ def scalemix(x1, x2):
     height, width = x1.shape[-2:]
     lam = torch.rand(()).item()
     center_y, center_x = torch.randint(height, ()).item(), torch.randint(width, ()).item()
-    y0, y1, x0, x1_ = scalemix_box(height, width, lam, center_y, center_x)
+    top, bottom, left, right = scalemix_box(height, width, lam, center_y, center_x)
     mixed = x1.clone()
-    mixed[:, y0:y1, x0:x1_] = x2[:, y0:y1, x0:x1_]
+    mixed[:, top:bottom, left:right] = x2[:, top:bottom, left:right]
     return mixed
 
 

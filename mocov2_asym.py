@@ -467,8 +467,8 @@ def load_checkpoint(path, source, target, queue, optimizer, scaler, args, steps_
         raise augment.InputError(f"cannot resume from {path}: it has {ckpt['steps_per_epoch']} steps per epoch, "
                                  f"this run {steps_per_epoch} (other --batch-size or --data?)")
     torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])  # rank 0's: it draws the BN shuffle for all
     return ckpt["step"]
 
 
@@ -480,7 +480,7 @@ def save_checkpoint(args, step, steps_per_epoch, source, target, queue, optimize
         "step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": vars(args),
         "source": source.state_dict(), "target": target.state_dict(), "queue": queue.state_dict(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
     }, os.path.join(args.output_dir, "checkpoint.pth"))
     save_atomic(source.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
 
