@@ -171,3 +171,24 @@ def test_target_gets_no_gradient():
     loss.backward()
     assert all(p.grad is None for p in target.parameters())
     assert all(p.grad is not None for p in source.parameters())
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], {"source": (1, 3, 32, 32), "target": (1, 3, 32, 32)}),
+    (["--multicrop", "2"], {"source": (1, 3, 32, 32), "target": (1, 3, 32, 32), "source_small": (2, 3, 16, 16)}),
+    (["--multicrop-on", "target"], {"source": (1, 3, 32, 32), "target": (1, 3, 32, 32), "target_small": (6, 3, 16, 16)}),
+    (["--mean-enc", "2", "--mean-enc-source", "3"], {"source": (3, 3, 32, 32), "target": (2, 3, 32, 32)}),
+])
+def test_flags_reach_the_views(flags, expected):
+    views = moco.make_views(moco.parse_args(["--image-size", "32"] + flags))
+    image = moco.augment.SyntheticShapes("train")[0][0]
+    assert {k: tuple(v.shape) for k, v in views(image).items()} == expected
+
+
+def test_design_flags_choose_the_view_recipes():
+    views = moco.make_views(moco.parse_args(["--image-size", "224", "--asym-aug", "--scalemix"]))
+    source_ops = [type(t).__name__ for t in views.transforms["source"].transforms]
+    target_ops = [type(t).__name__ for t in views.transforms["target"].transforms]
+    assert "RandAugment" in source_ops and "GaussianBlur" not in str(target_ops)
+    assert target_ops == ["RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
+    assert views.scalemix_on == "source"
