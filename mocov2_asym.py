@@ -462,7 +462,8 @@ def load_checkpoint(path, source, target, queue, optimizer, scaler, args, steps_
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
     except Exception as e:
-        raise augment.InputError(f"cannot resume from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        detail = " ".join(str(e).split())[:300]  # one line, e.g. the first mismatching key
+        raise augment.InputError(f"cannot resume from {path}: {type(e).__name__}: {detail}") from None
     if ckpt["steps_per_epoch"] != steps_per_epoch:
         raise augment.InputError(f"cannot resume from {path}: it has {ckpt['steps_per_epoch']} steps per epoch, "
                                  f"this run {steps_per_epoch} (other --batch-size or --data?)")
