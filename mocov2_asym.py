@@ -519,7 +519,7 @@ def knn_accuracy(backbone, bank_loader, test_loader, device, args):
     test, test_labels = extract_features(backbone, test_loader, device, args)
     test, test_labels = gather_padded(test, 0.0), gather_padded(test_labels, -1)  # every test image
     test, test_labels = test[test_labels >= 0], test_labels[test_labels >= 0]
-    k = min(args.knn_k, len(bank_loader.dataset.dataset) // world_size())  # the smallest shard has this many
+    k = min(args.knn_k, int(concat_all_gather(torch.tensor([len(bank)], device=device)).min()))  # smallest shard
     sims, labels = [], []
     for chunk in test.split(1024):
         s, i = (chunk @ bank.T).topk(k, dim=1)  # cosine similarity to this shard's k nearest

@@ -1,5 +1,7 @@
 """Two processes (gloo) against one: shuffled BN unshuffles, AsymBN's statistics are the global
-batch's, and the loss of the first steps does not depend on how the global batch is split."""
+batch's, the loss of the first steps does not depend on how the global batch is split, and the
+sharded kNN monitor equals one process's."""
+import argparse
 import os
 import tempfile
 
@@ -156,3 +158,27 @@ def test_two_processes_with_half_batches_equal_one_with_the_whole():
     assert torch.allclose(two[0]["losses"], two[1]["losses"])
     assert torch.allclose(two[0]["losses"], one, rtol=1e-4), (one, two[0]["losses"])
     assert one[0] != one[1]
+
+
+# ---- kNN monitor: sharded bank and test set ----------------------------------------------------
+def knn_data():
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(41, 6, generator=g), torch.randint(0, 4, (41,), generator=g),
+            torch.randn(25, 6, generator=g), torch.randint(0, 4, (25,), generator=g))
+
+
+def knn(rank, world):
+    bank, bank_labels, test, test_labels = knn_data()
+    shard = lambda x: x[rank::world]  # uneven shards, as eval_loader makes them
+    batches = lambda x, y: list(zip(shard(x).split(8), shard(y).split(8)))
+    args = argparse.Namespace(knn_k=7, knn_t=0.1, channels_last=False, amp="off")
+    return moco.knn_accuracy(nn.Flatten(), batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"), args)
+
+
+def _knn(rank):
+    return {"top1": torch.tensor(knn(rank, 2))}
+
+
+def test_knn_over_two_shards_equals_one_process():
+    results = spawn(_knn)
+    assert results[0]["top1"].item() == results[1]["top1"].item() == pytest.approx(knn(0, 1))

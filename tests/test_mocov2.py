@@ -192,3 +192,30 @@ def test_design_flags_choose_the_view_recipes():
     assert "RandAugment" in source_ops and "GaussianBlur" not in str(target_ops)
     assert target_ops == ["RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
     assert views.scalemix_on == "source"
+
+
+def knn_by_hand(bank, bank_labels, test, k, t, n_classes):
+    bank, test = F.normalize(bank, dim=1), F.normalize(test, dim=1)
+    predictions = []
+    for x in test:
+        sims = sorted(((float(x @ b), int(y)) for b, y in zip(bank, bank_labels)), reverse=True)[:k]
+        scores = [sum(math.exp(s / t) for s, y in sims if y == c) for c in range(n_classes)]
+        predictions.append(max(range(n_classes), key=lambda c: scores[c]))
+    return predictions
+
+
+def test_knn_accuracy_matches_hand_computation():
+    torch.manual_seed(0)
+    bank, bank_labels = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    test, test_labels = torch.randn(25, 6), torch.randint(0, 3, (25,))
+    args = argparse.Namespace(knn_k=5, knn_t=0.1, channels_last=False, amp="off")
+    identity = nn.Flatten()  # the "backbone": features are the inputs themselves
+    batches = lambda x, y: list(zip(x.split(7), y.split(7)))
+    got = moco.knn_accuracy(identity, batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"), args)
+    predictions = knn_by_hand(bank, bank_labels, test, 5, 0.1, 3)
+    expected = 100 * sum(p == int(y) for p, y in zip(predictions, test_labels)) / 25
+    assert got == pytest.approx(expected)
+    args.knn_k = 200  # more neighbours than the bank holds: all of them
+    got = moco.knn_accuracy(identity, batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"), args)
+    predictions = knn_by_hand(bank, bank_labels, test, 40, 0.1, 3)
+    assert got == pytest.approx(100 * sum(p == int(y) for p, y in zip(predictions, test_labels)) / 25)
