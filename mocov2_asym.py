@@ -648,6 +648,7 @@ def train(args):
             log(args, {"epoch": step / steps_per_epoch, "step": step,
                        "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
     if dist.is_initialized():
+        dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
         dist.destroy_process_group()
 
 

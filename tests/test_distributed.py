@@ -29,6 +29,7 @@ def _entry(rank, port, fn, out, args):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.save(fn(rank, *args), os.path.join(out, f"{rank}.pt"))
+        dist.barrier()  # rank 0 hosts the store: it must not leave while the other still uses it
     finally:
         dist.destroy_process_group()
 
