@@ -20,7 +20,6 @@ Examples:
     torchrun --nproc_per_node=8 mocov2_asym.py --data /path/to/imagenet --multicrop --asym-bn --mean-enc 2
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -631,7 +630,7 @@ def train(args):
             window_steps += 1
             if step % args.print_freq == 0 or step == last_step or step % steps_per_epoch == 0:
                 loss_value = loss.item()  # also waits for the GPU, so the window's times are real
-                check_finite(loss_value, source, step, args)
+                check_finite(loss_value, source, step, args)  # runs at every epoch end: guards the save below
                 elapsed = time.time() - window_start
                 log(args, {"epoch": step / steps_per_epoch, "step": step, "loss": loss_value, "lr": lr,
                            "data_time": data_time / window_steps, "step_time": elapsed / window_steps,
@@ -641,7 +640,6 @@ def train(args):
             if step == last_step:
                 break
             tick = time.time()
-        check_finite(loss.item(), source, step, args)  # never save a diverged state
         save_checkpoint(args, step, steps_per_epoch, source, target, queue, optimizer, scaler)
         done = step == last_step
         if args.knn_every >= 0 and (done or (args.knn_every and step % (args.knn_every * steps_per_epoch) == 0)):

@@ -63,14 +63,15 @@ def test_split_batchnorm_normalises_each_group():
     torch.manual_seed(0)
     x = torch.randn(12, 3, 4, 4) * 3 + 1
     split = moco.SplitBatchNorm(3, splits=3)
-    bn = nn.BatchNorm2d(3)
     y = split(x)
     for group in range(3):  # sample i is in group i mod 3
         reference = nn.BatchNorm2d(3)
         assert torch.allclose(y[group::3], reference(x[group::3]), atol=1e-5)
     groups_mean = torch.stack([x[g::3].mean((0, 2, 3)) for g in range(3)]).mean(0)
     assert torch.allclose(split.running_mean, 0.1 * groups_mean, atol=1e-6)
-    split.eval(), bn.eval()
+    groups_var = torch.stack([x[g::3].transpose(0, 1).flatten(1).var(1) for g in range(3)]).mean(0)
+    assert torch.allclose(split.running_var, 0.9 + 0.1 * groups_var, atol=1e-5)
+    split.eval()
     assert torch.allclose(split(x), F.batch_norm(x, split.running_mean, split.running_var, split.weight, split.bias))
 
 
