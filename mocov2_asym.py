@@ -168,9 +168,10 @@ def concat_all_gather(x):
     return torch.cat(out)
 
 
-def resnet_backbone(arch, cifar_stem):
-    """torchvision ResNet without its fc (-> pooled features) and its feature dimension."""
-    net = torchvision.models.get_model(arch)
+def resnet_backbone(arch, cifar_stem, zero_init_residual=False):
+    """torchvision ResNet without its fc (-> pooled features) and its feature dimension.
+    zero_init_residual: each block starts as the identity (last BN scale 0), as some frameworks do."""
+    net = torchvision.models.get_model(arch, zero_init_residual=zero_init_residual)
     if cifar_stem:  # 32 px images: keep the resolution the ImageNet stem would divide by 4
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()

@@ -1,4 +1,5 @@
 """Shared helpers: run a script (1 process or torchrun), read its JSON-lines log, the CIFAR-10 copy."""
+import importlib
 import json
 import os
 import shutil
@@ -8,13 +9,17 @@ import sys
 import tarfile
 
 import pytest
+import torch
+import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import augment  # noqa: E402  (after the path)
 CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
-# small and fast: ImageNet stem at 32 px, tiny queue, no kNN unless a test asks
-FAST = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",
-        "--queue-size", "64", "--workers", "0", "--print-freq", "1", "--knn-every", "-1", "--epochs", "2"]
+# small and fast: ImageNet stem at 32 px, no kNN unless a test asks (COMMON: every script's flags)
+COMMON = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",
+          "--workers", "0", "--print-freq", "1", "--knn-every", "-1", "--epochs", "2"]
+FAST = COMMON + ["--queue-size", "64"]  # mocov2_asym.py
 
 
 def free_port():
@@ -37,6 +42,22 @@ def run_script(script, args, nproc=1, check=True, timeout=300):
     return proc
 
 
+def run_in_processes(script, argv_list, nproc=2):
+    """script's main(argv) for each argv in turn, in `nproc` gloo processes started once, with the
+    environment torchrun gives (env:// rendezvous): torchrun's behaviour without its start-up per run."""
+    ports = [free_port() for _ in argv_list]
+    mp.spawn(_run_main, args=(nproc, script, argv_list, ports), nprocs=nproc, join=True)
+
+
+def _run_main(rank, nproc, script, argv_list, ports):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1")
+    module = importlib.import_module(os.path.splitext(script)[0])
+    for argv, port in zip(argv_list, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        module.main(list(argv))
+
+
 def read_log(output_dir):
     with open(os.path.join(output_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -44,6 +65,21 @@ def read_log(output_dir):
 
 def step_losses(output_dir):
     return {r["step"]: r["loss"] for r in read_log(output_dir) if "loss" in r}
+
+
+def small_image_folder(root, n_train=48, n_test=16):
+    """PNG files of the synthetic shapes in ImageFolder layout."""
+    for split, n, source in (("train", n_train, augment.SyntheticShapes("train")), ("test", n_test, augment.SyntheticShapes("test"))):
+        for i in range(n):
+            image, label = source[i]
+            os.makedirs(root / split / str(label), exist_ok=True)
+            image.save(root / split / str(label) / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    return small_image_folder(tmp_path_factory.mktemp("folder"))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""mocov2_asym.py end to end: every design under torchrun, resume == uninterrupted, the saved
+"""mocov2_asym.py end to end: torchrun, resume == uninterrupted with data workers, the saved
 backbone in torchvision, NaN handling, and one clear error line for bad input."""
 import hashlib
 import math
@@ -8,53 +8,19 @@ import pytest
 import torch
 import torchvision
 
-import augment
-from conftest import FAST, read_log, run_script, step_losses
+from conftest import FAST, read_log, run_script, small_image_folder, step_losses
 
 SCRIPT = "mocov2_asym.py"
-DESIGNS = {
-    "baseline": [],
-    "multicrop": ["--multicrop", "2"],
-    "scalemix": ["--scalemix"],
-    "asym-aug": ["--asym-aug"],
-    "asym-bn": ["--asym-bn"],
-    "mean-enc": ["--mean-enc", "2"],
-    "sym": ["--sym"],
-    "placements": ["--multicrop-on", "both", "--multicrop", "2", "--multicrop-per-crop", "--scalemix-on", "target",
-                   "--syncbn-on", "both", "--source-aug", "weaker", "--target-aug", "stronger", "--mean-enc-source", "2"],
-    "all": ["--multicrop", "2", "--scalemix", "--asym-aug", "--asym-bn", "--mean-enc", "2", "--bn-splits", "2"],
-}
 
 
-@pytest.mark.parametrize("design", DESIGNS)
-def test_design_runs_under_torchrun(design, tmp_path):
-    run_script(SCRIPT, FAST + DESIGNS[design] + ["--max-steps", "2", "--output-dir", str(tmp_path)], nproc=2)
+def test_real_torchrun_with_sym_enqueues_both_keys(tmp_path):
+    """The torchrun command line itself (tests/test_frameworks.py runs every design in spawned
+    processes); with --sym two keys per image enter the queue."""
+    run_script(SCRIPT, FAST + ["--sym", "--asym-bn", "--max-steps", "2", "--output-dir", str(tmp_path)], nproc=2)
     records = [r for r in read_log(tmp_path) if "loss" in r]
-    assert [r["step"] for r in records] == [1, 2]
-    for r in records:
-        assert math.isfinite(r["loss"]) and 0 < r["std_source"] < 1.5 and 0 < r["std_target"] < 1.5
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert ckpt["step"] == 2 and ckpt["args"]["batch_size"] == 16
-    if design == "all":
-        assert (ckpt["args"]["multicrop_on"], ckpt["args"]["scalemix_on"], ckpt["args"]["syncbn_on"]) == ("source", "source", "target")
-        assert (ckpt["args"]["source_aug"], ckpt["args"]["target_aug"]) == ("stronger", "weaker")
-    if design == "sym":  # two keys per image enter the queue: its pointer moved twice as far
-        assert ckpt["queue"]["_extra_state"] == (2 * 2 * 16) % 64
-
-
-def small_image_folder(root, n_train=48, n_test=16):
-    """PNG files of the synthetic shapes in ImageFolder layout."""
-    for split, n, source in (("train", n_train, augment.SyntheticShapes("train")), ("test", n_test, augment.SyntheticShapes("test"))):
-        for i in range(n):
-            image, label = source[i]
-            os.makedirs(root / split / str(label), exist_ok=True)
-            image.save(root / split / str(label) / f"{i}.png")
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return small_image_folder(tmp_path_factory.mktemp("folder"))
+    assert ckpt["queue"]["_extra_state"] == (2 * 2 * 16) % 64
 
 
 def test_resume_equals_uninterrupted(folder, tmp_path):

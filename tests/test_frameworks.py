@@ -1,0 +1,174 @@
+"""What every *_asym.py script shares, tested on each: every design alone and all together under
+2 processes, resume == uninterrupted, the saved backbone, one error line for bad input, LARS, the
+target's update (EMA or clone) and that the target gets no gradient."""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import augment
+from conftest import COMMON, read_log, run_in_processes, step_losses
+
+# per script: flags that make it small (tiny projector, tiny queue) for these tests
+SMALL = {
+    "mocov2_asym.py": ["--queue-size", "64"],
+    "byol_asym.py": ["--dim", "32", "--mlp-dim", "64"],
+}
+SCRIPTS = list(SMALL)
+DESIGNS = {
+    "baseline": [],
+    "multicrop": ["--multicrop", "2"],
+    "scalemix": ["--scalemix"],
+    "asym-aug": ["--asym-aug"],
+    "asym-bn": ["--asym-bn"],
+    "mean-enc": ["--mean-enc", "2"],
+    "sym": ["--sym"],
+    "placements": ["--multicrop-on", "both", "--multicrop", "2", "--multicrop-per-crop", "--scalemix-on", "target",
+                   "--syncbn-on", "both", "--source-aug", "weaker", "--target-aug", "stronger", "--mean-enc-source", "2"],
+    "all": ["--multicrop", "2", "--scalemix", "--asym-aug", "--asym-bn", "--mean-enc", "2", "--bn-splits", "2"],
+}
+EXTRA_DESIGNS = {  # what a script adds to the common designs
+    "byol_asym.py": {"global-bn": ["--global-bn"]},
+}
+
+
+def module(script):
+    return importlib.import_module(script[:-3])
+
+
+def small(script):
+    return COMMON + SMALL[script]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_design_runs_under_two_processes(script, tmp_path):
+    designs = dict(DESIGNS, **EXTRA_DESIGNS.get(script, {}))
+    run_in_processes(script, [small(script) + flags + ["--max-steps", "2", "--output-dir", str(tmp_path / name)]
+                              for name, flags in designs.items()])
+    for name in designs:
+        records = [r for r in read_log(tmp_path / name) if "loss" in r]
+        assert [r["step"] for r in records] == [1, 2], name
+        for r in records:
+            assert math.isfinite(r["loss"]) and 0 < r["std_source"] < 2 and 0 < r["std_target"] < 2, (name, r)
+        ckpt = torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)
+        assert ckpt["step"] == 2 and ckpt["args"]["batch_size"] == 16
+    args = torch.load(tmp_path / "all" / "checkpoint.pth", weights_only=True)["args"]
+    assert (args["multicrop_on"], args["scalemix_on"], args["syncbn_on"]) == ("source", "source", "target")
+    assert (args["source_aug"], args["target_aug"], args["mean_enc"]) == ("stronger", "weaker", 2)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_equals_uninterrupted_and_backbone_loads_into_torchvision(script, folder, tmp_path):
+    """3 steps an epoch; stop mid-epoch (2), resume and cross an epoch's end (5): the same losses
+    and weights as one run. In this process: main() needs no torchrun on one process."""
+    common = small(script) + ["--data", folder, "--epochs", "2", "--mean-enc", "2", "--scalemix", "--bn-splits", "2"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    module(script).main(common + ["--max-steps", "5", "--output-dir", str(whole)])
+    for stop in ("2", "5"):
+        module(script).main(common + ["--max-steps", stop, "--output-dir", str(parts)])
+    assert [r["resumed"] for r in read_log(parts) if "resumed" in r] == [str(parts / "checkpoint.pth")]
+    a, b = step_losses(whole), step_losses(parts)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    assert all(a[s] == b[s] for s in a), (a, b)
+    ca = torch.load(whole / "checkpoint.pth", weights_only=True)
+    cb = torch.load(parts / "checkpoint.pth", weights_only=True)
+    for key in ("source", "target"):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
+    net = torchvision.models.resnet18()
+    result = net.load_state_dict(torch.load(whole / "backbone.pth", weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    assert torch.equal(net.layer4[1].conv2.weight, ca["source"]["backbone.layer4.1.conv2.weight"])
+
+
+def error_line(script, argv, capsys):
+    """main(argv) in this process -> its single stderr line; exit status 2 and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        module(script).main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    """A checkpoint of mocov2_asym.py that no other script can resume from."""
+    out = tmp_path_factory.mktemp("mocov2")
+    module("mocov2_asym.py").main(small("mocov2_asym.py") + ["--max-steps", "1", "--output-dir", str(out)])
+    return out / "checkpoint.pth"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_is_one_error_line_before_work(script, other_checkpoint, tmp_path, capsys):
+    out = ["--output-dir", str(tmp_path)]
+    assert "no such directory" in error_line(script, small(script) + ["--data", "/nonexistent/images"] + out, capsys)
+    assert "larger than the 5000 training images" in error_line(script, small(script) + ["--batch-size", "6000"] + out, capsys)
+    assert "--bn-splits 16" in error_line(script, small(script) + ["--bn-splits", "16"] + out, capsys)
+    if script != "mocov2_asym.py":
+        assert "cannot resume from" in error_line(script, small(script) + ["--resume", str(other_checkpoint)] + out, capsys)
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    assert "cannot resume from" in error_line(script, small(script) + ["--resume", str(tmp_path / "junk.pth")] + out, capsys)
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+LARS_SCRIPTS = [s for s in SCRIPTS if hasattr(module(s), "LARS")]
+
+
+@pytest.mark.parametrize("script", LARS_SCRIPTS)
+def test_lars_step_by_hand(script):
+    """2-D weight: momentum buffer of trust * (g + wd w), trust = eta ||w|| / ||g + wd w||;
+    1-D bias: plain momentum SGD, no decay and no trust ratio."""
+    w = torch.tensor([[3.0, 4.0]], requires_grad=True)  # ||w|| = 5
+    b = torch.tensor([1.0, -1.0], requires_grad=True)
+    optimizer = module(script).LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
+    w.grad, b.grad = torch.tensor([[0.7, -2.4]]), torch.tensor([0.2, 0.4])
+    optimizer.step()
+    update = [0.7 + 0.1 * 3.0, -2.4 + 0.1 * 4.0]  # [1.0, -2.0], norm sqrt(5)
+    trust = 0.01 * 5.0 / math.sqrt(5.0)
+    assert w.detach().tolist()[0] == pytest.approx([3.0 - 0.5 * trust * update[0], 4.0 - 0.5 * trust * update[1]], rel=1e-6)
+    assert b.detach().tolist() == pytest.approx([1.0 - 0.5 * 0.2, -1.0 - 0.5 * 0.4], rel=1e-6)
+    w_before, b_before = w.detach().clone(), b.detach().clone()
+    optimizer.step()  # same gradient again: the buffer is now 0.9 * old + new
+    assert b.detach().tolist() == pytest.approx((b_before - 0.5 * 1.9 * torch.tensor([0.2, 0.4])).tolist(), rel=1e-6)
+    update2 = torch.tensor([[0.7, -2.4]]) + 0.1 * w_before
+    trust2 = 0.01 * w_before.norm() / update2.norm()
+    expected = w_before - 0.5 * (0.9 * trust * torch.tensor([update]) + trust2 * update2)
+    assert torch.allclose(w.detach(), expected, atol=1e-6)
+
+
+def small_batch(script, args):
+    views = module(script).make_views(args)
+    data = augment.dataset("synthetic", "train", views, seed=0)
+    batch, _ = augment.collate_views([data[i] for i in range(8)])
+    return batch
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "mocov2_asym.py"])
+def test_target_gets_no_gradient_and_its_update_is_exact(script):
+    mod = module(script)
+    args = mod.parse_args(small(script) + ["--multicrop", "2", "--mean-enc", "2", "--amp", "off"])
+    source, target = mod.build_encoders(args, torch.device("cpu"))
+    loss, _, _ = mod.train_step(source, target, small_batch(script, args), args)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in target.parameters())
+    assert all(p.grad is not None for p in source.backbone.parameters() if p.requires_grad)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    # EMA frameworks at step 100 of 400; the others keep a clone: m = 0
+    m = mod.target_momentum(100, 400, args.ema) if hasattr(mod, "target_momentum") else 0.0
+    before = {n: p.clone() for n, p in target.named_parameters()}
+    mod.momentum_update(target, source, m)
+    for n, p in target.named_parameters():
+        assert torch.allclose(p, m * before[n] + (1 - m) * source.get_parameter(n), atol=1e-6), n
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if hasattr(module(s), "target_momentum")])
+def test_target_momentum_rises_from_base_to_one_by_a_cosine(script):
+    tm = module(script).target_momentum
+    assert tm(0, 100, 0.99) == pytest.approx(0.99)
+    assert tm(50, 100, 0.99) == pytest.approx(0.995)
+    assert tm(100, 100, 0.99) == pytest.approx(1.0)
+    assert tm(25, 100, 0.99) == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
