@@ -1,0 +1,763 @@
+"""MoCo v3 in asymmetric form, with every design of "On the Importance of Asymmetry for Siamese
+Representation Learning" (Wang, Fan, Tian, Kihara, Chen, CVPR 2022).
+
+Method in five lines:
+    source views x_s, target views x_t of each image            (augment.Views, BYOL recipe)
+    p = predictor(source(x_s))         gradient-updated: ResNet or ViT + MLP projector 256-d + MLP predictor
+    z = target(x_t)                    no gradient: EMA of the source (momentum 0.99 -> 1, cosine)
+    loss = 2T CE(p z_all^T/T, own z)   InfoNCE vs all processes' z; one pair, once (--sym: both directions)
+    target <- m * target + (1 - m) * source
+
+Designs (the paper keeps the target's encoding variance below the source's):
+    source: --multicrop [M], --scalemix, --asym-aug (StrongerAug)    raise variance
+    target: --asym-aug (WeakerAug), --asym-bn (SyncBN), --mean-enc N   lower variance
+    --multicrop-on / --scalemix-on / --syncbn-on source|target|both, --source-aug / --target-aug,
+    --mean-enc-source N place each design anywhere, as in the paper's case studies.
+
+Examples:
+    python mocov3_asym.py --data synthetic --arch resnet18 --image-size 32 --epochs 6 --batch-size 128 \\
+        --lr 1.0 --warmup-epochs 1 --mlp-dim 1024 --bn-splits 4 --workers 2   # CPU minutes
+    torchrun --nproc_per_node=8 mocov3_asym.py --data /path/to/imagenet --multicrop --asym-bn --mean-enc 2
+    torchrun --nproc_per_node=8 mocov3_asym.py --data /path/to/imagenet --arch vit_small --batch-size 1024 --asym-bn
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import augment
+
+# =============================================================================================
+# Arguments
+# =============================================================================================
+RESNETS = [name for name in torchvision.models.list_models(module=torchvision.models)
+           if name.startswith(("resnet", "resnext", "wide_resnet"))]
+# MoCo v3's ViTs (its ViT-S has 12 heads, not DeiT's 6): torchvision VisionTransformer arguments
+VITS = {"vit_small": dict(hidden_dim=384, num_layers=12, num_heads=12, mlp_dim=1536),
+        "vit_base": dict(hidden_dim=768, num_layers=12, num_heads=12, mlp_dim=3072)}
+# per optimizer: base lr per 256 images, weight decay (MoCo v3: LARS for ResNets, AdamW for ViTs)
+OPTIMIZER_DEFAULTS = {"lars": (0.6, 1e-6), "adamw": (1.5e-4, 0.1)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="MoCo v3 with the asymmetric designs of Wang et al. 2022",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root with train/ and val/ or test/")
+    g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    g.add_argument("--image-size", type=int, default=224, help="standard crop size (32 for CIFAR; MultiCrop crops scale with it)")
+    g.add_argument("--workers", type=int, default=8, help="data loading processes per process")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet50", help="any torchvision ResNet: " + ", ".join(RESNETS)
+                   + "; or MoCo v3's ViT: " + ", ".join(VITS))
+    g.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 first conv and no max-pool, for 32 px images")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=4096, help="global batch over all processes")
+    g.add_argument("--optimizer", default="auto", choices=["auto", "lars", "adamw"], help="auto: LARS for ResNets, AdamW for ViTs")
+    g.add_argument("--lr", type=float, help="base learning rate per 256 images (lr = base x batch / 256); "
+                   "default 0.6 with LARS (0.3 for 300+ epochs), 1.5e-4 with AdamW")
+    g.add_argument("--wd", type=float, help="weight decay; default 1e-6 with LARS (none on biases and BN), 0.1 with AdamW")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up, then cosine decay per step; default 10 for ResNets, 40 for ViTs")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision; auto: bf16 (or fp16 without bf16 support) on CUDA, off on CPU")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on recent GPUs)")
+    g = p.add_argument_group("MoCo v3")
+    g.add_argument("--dim", type=int, default=256, help="encoding dimension (projector and predictor output)")
+    g.add_argument("--mlp-dim", type=int, default=4096, help="hidden width of projector and predictor")
+    g.add_argument("--temperature", type=float, help="InfoNCE temperature T (the loss is scaled by 2T); default 1.0 for ResNets, 0.2 for ViTs")
+    g.add_argument("--patch-size", type=int, default=16, help="ViT patch size (the image size must be a multiple)")
+    g.add_argument("--ema", type=float, default=0.99, help="target momentum m at step 0, raised to 1 by a cosine (0.996 for 1000 epochs)")
+    g.add_argument("--sym", action="store_true", help="the original symmetrized loss: each view is once source, once target")
+    g.add_argument("--global-bn", action="store_true", help="SyncBN in every BN of source and target, as the original MoCo v3")
+    g.add_argument("--bn-splits", type=int, default=1,
+                   help="normalise each process's batch in N groups in every per-process BN, to emulate N devices on one")
+    g = p.add_argument_group("asymmetric designs (paper's preferred placement by default)")
+    g.add_argument("--multicrop", type=int, nargs="?", const=6, default=0, metavar="M",
+                   help="MultiCrop: M small crops (6 when given bare; 96 px at 224, scale 0.05-0.14) on the source; raises its variance")
+    g.add_argument("--multicrop-on", choices=["source", "target", "both"], help="place MultiCrop (default source)")
+    g.add_argument("--multicrop-per-crop", action="store_true",
+                   help="one forward per small crop as the official code (BN per crop) instead of one forward for all")
+    g.add_argument("--scalemix", action="store_true", help="ScaleMix: mix two views by a random box, on the source; raises its variance")
+    g.add_argument("--scalemix-on", choices=["source", "target", "both"], help="place ScaleMix (implies --scalemix)")
+    g.add_argument("--asym-aug", action="store_true", help="AsymAug: StrongerAug (+RandAugment) on the source, WeakerAug (crop+flip) on the target")
+    g.add_argument("--source-aug", choices=["weaker", "default", "stronger"], help="source augmentation (overrides --asym-aug)")
+    g.add_argument("--target-aug", choices=["weaker", "default", "stronger"], help="target augmentation (overrides --asym-aug)")
+    g.add_argument("--asym-bn", action="store_true", help="AsymBN: SyncBN in the target projector (all processes); lowers its variance")
+    g.add_argument("--syncbn-on", choices=["source", "target", "both"], help="place the projector SyncBN (implies --asym-bn)")
+    g.add_argument("--syncbn-group-size", type=int, default=0, help="processes per SyncBN group (0: all; the official code used 8)")
+    g.add_argument("--mean-enc", type=int, default=1, metavar="N",
+                   help="MeanEnc: target encoding = normalised mean of N target views' encodings (paper: 2); lowers its variance")
+    g.add_argument("--mean-enc-source", type=int, default=1, metavar="N", help="MeanEnc on the source: N source views averaged")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/mocov3_asym", help="checkpoints and log.jsonl")
+    g.add_argument("--resume", default="auto", help="auto (output-dir/checkpoint.pth if present) | none | a checkpoint path")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: run all epochs); the schedule is unchanged")
+    g.add_argument("--print-freq", type=int, default=50, help="log every N steps")
+    g.add_argument("--knn-every", type=int, default=10, help="kNN accuracy every N epochs and at the end (0: only at the end, -1: never)")
+    g.add_argument("--knn-k", type=int, default=200, help="kNN neighbours")
+    g.add_argument("--knn-t", type=float, default=0.1, help="kNN temperature (0.07 on ImageNet)")
+    args = p.parse_args(argv)
+    # resolve the designs' placements into plain values (the checkpoint stores them)
+    if args.multicrop_on and not args.multicrop:
+        args.multicrop = 6
+    args.multicrop_on = args.multicrop_on or "source"
+    args.scalemix_on = args.scalemix_on or ("source" if args.scalemix else None)
+    args.source_aug = args.source_aug or ("stronger" if args.asym_aug else "default")
+    args.target_aug = args.target_aug or ("weaker" if args.asym_aug else "default")
+    args.syncbn_on = args.syncbn_on or ("target" if args.asym_bn else None)
+    # MoCo v3's recipe per backbone: LARS, T 1.0 for ResNets; AdamW, T 0.2 for ViTs (lr and wd follow the optimizer)
+    vit = args.arch in VITS
+    if args.optimizer == "auto":
+        args.optimizer = "adamw" if vit else "lars"
+    base_lr, wd = OPTIMIZER_DEFAULTS[args.optimizer]
+    args.lr = base_lr if args.lr is None else args.lr
+    args.wd = wd if args.wd is None else args.wd
+    args.warmup_epochs = (40 if vit else 10) if args.warmup_epochs is None else args.warmup_epochs
+    args.temperature = (0.2 if vit else 1.0) if args.temperature is None else args.temperature
+    return args
+
+
+# =============================================================================================
+# Data and views
+# =============================================================================================
+def make_views(args):
+    return augment.Views(args.image_size, "mocov3", args.source_aug, args.target_aug,
+                         n_source=args.mean_enc_source, n_target=args.mean_enc,
+                         multicrop=args.multicrop, multicrop_on=args.multicrop_on, scalemix_on=args.scalemix_on)
+
+
+def make_datasets(args):
+    """Training views, and the kNN monitor's bank (labelled train) and held-out split."""
+    train_set = augment.dataset(args.data, "train", make_views(args), args.data_root, args.seed, args.skip_bad_images)
+    eval_t = augment.eval_transform(args.image_size)
+    bank_set = augment.dataset(args.data, "train_labeled", eval_t, args.data_root, skip_bad=args.skip_bad_images)
+    test_set = augment.dataset(args.data, "test", eval_t, args.data_root, skip_bad=args.skip_bad_images)
+    return train_set, bank_set, test_set
+
+
+def train_loader(train_set, epoch, skip_batches, args):
+    """This process's batches of `epoch`, from batch `skip_batches` on (a resumed epoch)."""
+    sampler = torch.utils.data.DistributedSampler(train_set, world_size(), rank(), shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    local_batch = args.batch_size // world_size()
+    train_set.epoch = epoch  # seeds the views: the same views whatever the workers, world size or resume
+    return torch.utils.data.DataLoader(
+        train_set, batch_size=local_batch, sampler=list(sampler)[skip_batches * local_batch:],
+        num_workers=args.workers, collate_fn=augment.collate_views, pin_memory=torch.cuda.is_available(),
+        drop_last=True)
+
+
+def eval_loader(dataset, args):
+    """This process's shard (every world_size-th image) of a data set, in eval views."""
+    shard = torch.utils.data.Subset(dataset, range(rank(), len(dataset), world_size()))
+    return torch.utils.data.DataLoader(shard, batch_size=max(args.batch_size // world_size(), 64),
+                                       num_workers=args.workers, pin_memory=torch.cuda.is_available())
+
+
+# =============================================================================================
+# Model (and the collectives it needs; each is the identity on one process)
+# =============================================================================================
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def concat_all_gather(x):
+    """Local NxC -> (world*N)xC in rank order, no gradient."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def resnet_backbone(arch, cifar_stem, zero_init_residual=False):
+    """torchvision ResNet without its fc (-> pooled features) and its feature dimension.
+    zero_init_residual: each block starts as the identity (last BN scale 0), as some frameworks do."""
+    net = torchvision.models.get_model(arch, zero_init_residual=zero_init_residual)
+    if cifar_stem:  # 32 px images: keep the resolution the ImageNet stem would divide by 4
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+def sincos_position_embedding(grid_h, grid_w, dim, temperature=10000.0):
+    """MoCo v3's fixed 2-D sin-cos position embedding -> 1x(1+h*w)xD, zeros for the class token.
+    The patch at row r, column c (row-major, as the patches are ordered) gets
+    [sin(r w), cos(r w), sin(c w), cos(c w)] for the D/4 frequencies w_k = temperature^(-k/(D/4))."""
+    rows, cols = torch.meshgrid(torch.arange(grid_h).float(), torch.arange(grid_w).float(), indexing="ij")
+    omega = temperature ** -(torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # D/4
+    r, c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega  # (h*w)x(D/4)
+    patches = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)  # (h*w)xD
+    return torch.cat([torch.zeros(1, dim), patches])[None]
+
+
+class VisionTransformer(torchvision.models.VisionTransformer):
+    """torchvision's ViT (same modules and state-dict keys) that also takes square images of other
+    sizes than image_size (MultiCrop's small crops): a fixed sin-cos embedding exists for any grid."""
+
+    def forward(self, x):
+        """Nx3xHxW -> NxD class-token features (heads are the identity)."""
+        if x.shape[-2:] == (self.image_size, self.image_size):
+            return super().forward(x)
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)  # Nx(h*w)xD
+        tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1)
+        tokens = tokens + sincos_position_embedding(h, w, self.hidden_dim).to(tokens)
+        return self.heads(self.encoder.ln(self.encoder.layers(self.encoder.dropout(tokens)))[:, 0])
+
+
+def vit_backbone(arch, image_size, patch_size):
+    """MoCo v3's ViT on torchvision's VisionTransformer (no heads -> class-token features), its
+    initialisation, frozen random patch projection and fixed position embedding; and its width D."""
+    net = VisionTransformer(image_size, patch_size, **VITS[arch])
+    net.heads = nn.Identity()
+    d = net.hidden_dim
+    for module in net.modules():
+        if isinstance(module, nn.Linear):  # MLP blocks and attention output projections
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):  # 3DxD in-projection: q, k, v each xavier as DxD
+            bound = math.sqrt(6.0 / (d + d))
+            nn.init.uniform_(module.in_proj_weight, -bound, bound)
+            nn.init.zeros_(module.in_proj_bias)
+    nn.init.normal_(net.class_token, std=1e-6)
+    bound = math.sqrt(6.0 / (3 * patch_size * patch_size + d))  # xavier-uniform of the patch projection
+    nn.init.uniform_(net.conv_proj.weight, -bound, bound)
+    nn.init.zeros_(net.conv_proj.bias)
+    # MoCo v3's stability trick: a random patch projection that is never trained
+    net.conv_proj.requires_grad_(False)
+    grid = image_size // patch_size
+    net.encoder.pos_embedding.data.copy_(sincos_position_embedding(grid, grid, d))
+    net.encoder.pos_embedding.requires_grad_(False)
+    return net, d
+
+
+def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn=True):
+    """MoCo v3's MLP: (Linear, BN, ReLU) x (num_layers - 1), Linear, and where last_bn a BN without
+    scale and shift (as SimCLR). No biases: each Linear is followed by a BN or only compared by angle."""
+    layers = []
+    for i in range(num_layers):
+        dim_in, dim_out = in_dim if i == 0 else hidden_dim, out_dim if i == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(dim_in, dim_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(dim_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Backbone + projector, and on the source the predictor (which the target lacks).
+    ResNet: 2-layer projector, 2-layer predictor without last BN; ViT: 3-layer projector, 2-layer predictor."""
+
+    def __init__(self, args, predictor):
+        super().__init__()
+        vit = args.arch in VITS
+        if vit:
+            self.backbone, f = vit_backbone(args.arch, args.image_size, args.patch_size)
+        else:
+            self.backbone, f = resnet_backbone(args.arch, args.cifar_stem, zero_init_residual=True)
+        self.projector = mlp(3 if vit else 2, f, args.mlp_dim, args.dim)
+        self.predictor = mlp(2, args.dim, args.mlp_dim, args.dim, last_bn=vit) if predictor else nn.Identity()
+
+    def forward(self, views):
+        """List of N_ix3xHxW batches -> list of N_ixD outputs, in one call (so DDP sees one forward)."""
+        return [self.predictor(self.projector(self.backbone(x))) for x in views]
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with mean and variance all-reduced over a process group: nn.SyncBatchNorm's
+    statistics where torch refuses it (CPU / gloo). The all-reduce passes gradients."""
+
+    def __init__(self, num_features, group=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.group = group
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float32, device=x.device)
+        stats = torch.cat([x.float().sum(dims), (x.float() ** 2).sum(dims), count])
+        if world_size() > 1:
+            stats = torch.distributed.nn.functional.all_reduce(stats, group=self.group or dist.group.WORLD)
+        total, total_sq, n = stats.split([x.shape[1], x.shape[1], 1])
+        mean, var = total / n, (total_sq / n - (total / n) ** 2).clamp(min=0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over `splits` groups of the batch (sample i in group i mod splits): the
+    statistics `splits` devices would see, on one. Works for 1-d and 2-d inputs."""
+
+    def __init__(self, num_features, splits, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.splits = splits
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        n, c, k = x.shape[0], x.shape[1], self.splits
+        mean, var = self.running_mean.repeat(k), self.running_var.repeat(k)
+        weight = self.weight.repeat(k) if self.affine else None
+        bias = self.bias.repeat(k) if self.affine else None
+        y = F.batch_norm(x.reshape(n // k, k * c, *x.shape[2:]), mean, var, weight, bias, True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.copy_(mean.view(k, c).mean(0))
+            self.running_var.copy_(var.view(k, c).mean(0))
+        return y.view_as(x)
+
+
+def replace_bn(module, make):
+    """Replace every plain nn.BatchNorm1d/2d inside `module` by make(bn), keeping its state."""
+    for name, child in module.named_children():
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            new = make(child)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new.to(child.weight.device if child.affine else child.running_mean.device))
+        else:
+            replace_bn(child, make)
+    return module
+
+
+def sync_bn(module, group):
+    """SyncBN for every BN in `module`: nn.SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere."""
+    if torch.cuda.is_available():
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
+    return replace_bn(module, lambda bn: GlobalBatchNorm(bn.num_features, group, eps=bn.eps, momentum=bn.momentum, affine=bn.affine))
+
+
+def syncbn_group(args):
+    """This process's SyncBN group: all ranks, or consecutive groups of --syncbn-group-size."""
+    size = args.syncbn_group_size or world_size()
+    if size == world_size():
+        return None
+    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world_size(), size)]
+    return groups[rank() // size]
+
+
+def build_encoders(args, device):
+    """Source (gradient) and target (EMA copy without predictor, no gradient) with the BN of each placement."""
+    torch.manual_seed(args.seed)
+    source, target = Encoder(args, predictor=True).to(device), Encoder(args, predictor=False).to(device)
+    target.load_state_dict(source.state_dict(), strict=False)  # all but the predictor
+    group = syncbn_group(args)
+    # +-------------------------------------------------------------------------------------+
+    # | AsymBN: SyncBN in the target projector normalises by the statistics of the whole    |
+    # | global batch instead of one device's, so the target encodings vary less with the     |
+    # | batch they land in: lower target variance. (The source keeps per-device BN.)         |
+    # +-------------------------------------------------------------------------------------+
+    for name, encoder in (("source", source), ("target", target)):
+        if args.syncbn_on in (name, "both"):
+            encoder.projector = sync_bn(encoder.projector, group)
+        if args.global_bn:  # the original MoCo v3: every BN over the global batch
+            sync_bn(encoder, None)
+        if args.bn_splits > 1:  # every remaining per-device BN sees 1/splits of the batch
+            replace_bn(encoder, lambda bn: SplitBatchNorm(bn.num_features, args.bn_splits, eps=bn.eps,
+                                                          momentum=bn.momentum, affine=bn.affine))
+    target.requires_grad_(False)
+    if args.channels_last:
+        source, target = source.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+    return source, target
+
+
+@torch.no_grad()
+def momentum_update(target, source, m):
+    """target <- m * target + (1 - m) * source, over the target's parameters (BN statistics stay
+    the target's own; the source's predictor has no counterpart)."""
+    names = [name for name, _ in target.named_parameters()]
+    torch._foreach_lerp_([target.get_parameter(n) for n in names], [source.get_parameter(n) for n in names], 1.0 - m)
+
+
+@torch.no_grad()
+def target_encode(target, x):
+    """(n*N)x3xHxW -> (n*N)xD target encodings, no gradient (BN with this batch's statistics)."""
+    return target([x])[0]
+
+
+# =============================================================================================
+# Loss
+# =============================================================================================
+def contrastive_loss(p, z, temperature):
+    """p: NxD source predictions, z: NxD target encodings of this process's N images -> MoCo v3's
+    InfoNCE: each p must pick its own image's z among the (world*N) z of all processes, x 2T."""
+    with torch.autocast(p.device.type, enabled=False):  # logits in float32 even under --amp
+        p, z = F.normalize(p.float(), dim=1), F.normalize(z.float(), dim=1)
+        logits = p @ concat_all_gather(z).T / temperature  # Nx(world*N), no gradient into the target
+        labels = torch.arange(len(p), device=p.device) + len(p) * rank()  # own z: rows of this rank
+        return F.cross_entropy(logits, labels) * 2 * temperature
+
+
+# +-----------------------------------------------------------------------------------------+
+# | MeanEnc: the target encoding of an image is the mean of n encodings of n views, then   |
+# | l2-normalised. Averaging n noisy encodings divides their variance by about n: a        |
+# | steadier target. (On the source, --mean-enc-source, it lowers the source's variance.)   |
+# +-----------------------------------------------------------------------------------------+
+def mean_encoding(z, n):
+    """(n*N)xD encodings of n views (view-major) -> NxD mean (the loss normalises it)."""
+    return z.float().view(n, -1, z.shape[-1]).mean(0)
+
+
+def simsiam_std(z):
+    """Std over the batch of l2-normalised encodings, averaged over channels, x sqrt(D):
+    about 1 when spread on the sphere, 0 when collapsed (SimSiam's monitor)."""
+    return (F.normalize(z.float(), dim=1).std(0).mean() * math.sqrt(z.shape[1])).item()
+
+
+# =============================================================================================
+# Step
+# =============================================================================================
+# +-----------------------------------------------------------------------------------------+
+# | MultiCrop: m small, low-resolution crops each make a pair with the target encoding.    |
+# | Small crops see little of the image, so their encodings vary more: higher source       |
+# | variance. Loss = standard pair + the mean over the small-crop pairs (official weights). |
+# +-----------------------------------------------------------------------------------------+
+def train_step(source, target, batch, args):
+    """One source/target pass and the loss. batch: {"source", "target", "source_small",
+    "target_small"}, each (views*N)x3xHxW, view-major. -> loss, p (NxD), z (NxD)."""
+    m = args.multicrop
+    inputs = [batch["source"]]
+    if args.sym:
+        inputs.append(batch["target"])
+    if "source_small" in batch:
+        n = len(batch["source"]) // args.mean_enc_source  # N, the images in this process's batch
+        inputs += list(batch["source_small"].split(n)) if args.multicrop_per_crop else [batch["source_small"]]
+    outputs = source(inputs)
+    p = mean_encoding(outputs[0], args.mean_enc_source)
+    z = mean_encoding(target_encode(target, batch["target"]), args.mean_enc)
+    loss = contrastive_loss(p, z, args.temperature)
+
+    # each kind of pair (a small crop on the source, the target or both) adds the mean over its pairs
+    if "source_small" in batch:
+        p_small = torch.cat(outputs[1 + args.sym:]).chunk(m)  # m x NxD
+        loss = loss + torch.stack([contrastive_loss(p_j, z, args.temperature) for p_j in p_small]).mean()
+    if "target_small" in batch:
+        z_small = target_encode(target, batch["target_small"]).chunk(m)
+        loss = loss + torch.stack([contrastive_loss(p, z_j, args.temperature) for z_j in z_small]).mean()
+    if "source_small" in batch and "target_small" in batch:  # all m x m pairs of small crops
+        loss = loss + torch.stack([contrastive_loss(p_i, z_j, args.temperature) for p_i in p_small for z_j in z_small]).mean()
+    if args.sym:  # mirrored pair: the source encodes the target's views and vice versa
+        p_mirror = mean_encoding(outputs[1], args.mean_enc)
+        z_mirror = mean_encoding(target_encode(target, batch["source"]), args.mean_enc_source)
+        loss = loss + contrastive_loss(p_mirror, z_mirror, args.temperature)
+    return loss, p, z
+
+
+# =============================================================================================
+# Loop and checkpoint
+# =============================================================================================
+def autocast(device, args):
+    """Mixed precision of --amp (resolved to bf16 | fp16 | off)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def learning_rate(step, total_steps, warmup_steps, peak):
+    """Linear warm-up to `peak`, then half-cosine decay to 0, per step."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def target_momentum(step, total_steps, base):
+    """EMA momentum raised from `base` at step 0 to 1 at the end by a half-cosine, per step."""
+    return 1 - (1 - base) * 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step is rescaled per weight tensor by the trust ratio
+    eta * ||w|| / ||g + wd w|| (You et al. 2017). 1-D parameters (biases, BN) get neither
+    weight decay nor the trust ratio, as in BYOL, SimCLR, MoCo v3 and Barlow Twins."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                update = w.grad
+                if w.ndim > 1:
+                    update = update.add(w, alpha=group["weight_decay"])
+                    w_norm, update_norm = w.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (update_norm > 0),
+                                        group["trust_coefficient"] * w_norm / update_norm, 1.0)
+                    update = update * trust
+                buf = self.state[w].setdefault("momentum_buffer", torch.zeros_like(w))
+                buf.mul_(group["momentum"]).add_(update)
+                w.add_(buf, alpha=-group["lr"])
+
+
+def make_optimizer(source, args):
+    """LARS (ResNets) or AdamW (ViTs, as MoCo v3: decay on every weight) over the trainable
+    parameters: the ViT's frozen patch projection and position embedding are left out."""
+    params = [w for w in source.parameters() if w.requires_grad]
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=0.0, weight_decay=args.wd)
+    return LARS(params, weight_decay=args.wd)
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, source, target, optimizer, scaler, args, steps_per_epoch):
+    """Restore everything from `path`; -> the step to continue from. Bad files raise InputError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        source.load_state_dict(ckpt["source"])
+        target.load_state_dict(ckpt["target"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except Exception as e:
+        detail = " ".join(str(e).split())[:300]  # one line, e.g. the first mismatching key
+        raise augment.InputError(f"cannot resume from {path}: {type(e).__name__}: {detail}") from None
+    if ckpt["steps_per_epoch"] != steps_per_epoch:
+        raise augment.InputError(f"cannot resume from {path}: it has {ckpt['steps_per_epoch']} steps per epoch, "
+                                 f"this run {steps_per_epoch} (other --batch-size or --data?)")
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return ckpt["step"]
+
+
+def save_checkpoint(args, step, steps_per_epoch, source, target, optimizer, scaler):
+    """output-dir/checkpoint.pth (everything, to resume) and backbone.pth (torchvision keys, no fc)."""
+    if rank() != 0:
+        return
+    save_atomic({
+        "step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": vars(args),
+        "source": source.state_dict(), "target": target.state_dict(),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+    }, os.path.join(args.output_dir, "checkpoint.pth"))
+    save_atomic(source.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, device, args):
+    """l2-normalised backbone features and labels of a loader's images (eval mode)."""
+    features, labels = [], []
+    for images, y in loader:
+        images = images.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.to(memory_format=torch.channels_last)
+        with autocast(device, args):
+            features.append(F.normalize(backbone(images).float(), dim=1))
+        labels.append(y.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def gather_padded(x, fill):
+    """Local rows of unequal counts -> all processes' rows, padded with `fill` to equal counts."""
+    n = torch.tensor([len(x)], device=x.device)
+    n_max = int(concat_all_gather(n).max())
+    pad = torch.full((n_max - len(x), *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    return concat_all_gather(torch.cat([x, pad]))
+
+
+@torch.no_grad()
+def knn_accuracy(backbone, bank_loader, test_loader, device, args):
+    """Top-1 (%) of a weighted kNN classifier (k, T) on backbone features. Each process keeps its
+    shard of the bank; the k nearest of every shard are gathered and merged."""
+    was_training = backbone.training
+    backbone.eval()
+    bank, bank_labels = extract_features(backbone, bank_loader, device, args)
+    test, test_labels = extract_features(backbone, test_loader, device, args)
+    test, test_labels = gather_padded(test, 0.0), gather_padded(test_labels, -1)  # every test image
+    test, test_labels = test[test_labels >= 0], test_labels[test_labels >= 0]
+    k = min(args.knn_k, int(concat_all_gather(torch.tensor([len(bank)], device=device)).min()))  # smallest shard
+    sims, labels = [], []
+    for chunk in test.split(1024):
+        s, i = (chunk @ bank.T).topk(k, dim=1)  # cosine similarity to this shard's k nearest
+        sims.append(s)
+        labels.append(bank_labels[i])
+    sims = torch.cat(concat_all_gather(torch.cat(sims)[None]).unbind(0), dim=1)  # Nx(world*k)
+    labels = torch.cat(concat_all_gather(torch.cat(labels)[None]).unbind(0), dim=1)
+    sims, top = sims.topk(k, dim=1)  # the k nearest of the whole bank
+    weights = (sims / args.knn_t).exp()
+    n_classes = int(max(labels.max(), test_labels.max())) + 1
+    scores = torch.zeros(len(test), n_classes, device=device).scatter_add_(1, labels.gather(1, top), weights)
+    backbone.train(was_training)
+    return (scores.argmax(1) == test_labels).float().mean().item() * 100
+
+
+def check_finite(loss_value, source, step, args):
+    """Stop on a NaN or infinite loss or weight, before it reaches a checkpoint."""
+    weights_finite = bool(torch.stack([p.isfinite().all() for p in source.parameters()]).all())
+    if not (math.isfinite(loss_value) and weights_finite):
+        raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}, finite weights: {weights_finite}); "
+                                 f"stopped without saving, the last good checkpoint in {args.output_dir} is intact")
+
+
+def log(args, stats):
+    if rank() == 0:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()), flush=True)
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+def check_args(args, train_set):
+    """Impossible settings as one clear error, before any work."""
+    world, local = world_size(), args.batch_size // world_size()
+    problems = []
+    if args.arch not in RESNETS and args.arch not in VITS:
+        problems.append(f"--arch {args.arch} is not a torchvision ResNet ({', '.join(RESNETS)}) or a ViT ({', '.join(VITS)})")
+    if args.arch in VITS:  # every crop must tile into whole patches
+        small = augment.small_crop_size(args.image_size) if args.multicrop else args.image_size
+        if args.patch_size < 1 or args.image_size % args.patch_size or small % args.patch_size:
+            what = f"--image-size {args.image_size} and its MultiCrop crops ({small} px) must be multiples" if args.multicrop \
+                else f"--image-size {args.image_size} must be a multiple"
+            problems.append(f"{what} of --patch-size {args.patch_size} for a ViT")
+        if args.cifar_stem:
+            problems.append("--cifar-stem is for ResNets, not ViTs")
+    if args.batch_size % world:
+        problems.append(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    elif local % args.bn_splits or local // args.bn_splits < 2:
+        problems.append(f"the per-process batch {local} must split into --bn-splits {args.bn_splits} groups of 2 or more")
+    if len(train_set) < args.batch_size:
+        problems.append(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+    if args.syncbn_group_size and world % args.syncbn_group_size:
+        problems.append(f"--syncbn-group-size {args.syncbn_group_size} does not divide the {world} processes")
+    if args.mean_enc < 1 or args.mean_enc_source < 1 or args.multicrop < 0:
+        problems.append("--mean-enc, --mean-enc-source and --multicrop must be positive")
+    if problems:
+        raise augment.InputError("; ".join(problems))
+
+
+def train(args):
+    if "WORLD_SIZE" in os.environ:  # torchrun: env:// rendezvous
+        if torch.cuda.is_available():  # one GPU per process, named so NCCL need not guess it
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if args.amp == "auto":
+        args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    torch.backends.cudnn.benchmark = True
+
+    train_set, bank_set, test_set = make_datasets(args)
+    check_args(args, train_set)
+    os.makedirs(args.output_dir, exist_ok=True)
+    source, target = build_encoders(args, device)
+    source_ddp = nn.parallel.DistributedDataParallel(source) if world_size() > 1 else source
+    optimizer = make_optimizer(source, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    peak_lr = args.lr * args.batch_size / 256
+
+    step = 0
+    resume = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    if resume != "none" and os.path.exists(resume):
+        step = load_checkpoint(resume, source, target, optimizer, scaler, args, steps_per_epoch)
+        log(args, {"resumed": resume, "step": step})
+    elif args.resume not in ("auto", "none"):
+        raise augment.InputError(f"--resume {args.resume}: no such file")
+    bank_loader, test_loader = eval_loader(bank_set, args), eval_loader(test_set, args)
+    last_step = min(total_steps, args.max_steps or total_steps)
+    if step == 0 and args.knn_every > 0:  # the initial encoder's accuracy: the reference to beat
+        log(args, {"epoch": 0.0, "step": 0, "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
+
+    while step < last_step:
+        window_start, window_steps, data_time = time.time(), 0, 0.0
+        tick = time.time()
+        for batch, _ in train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if args.channels_last:
+                batch = {k: v.to(memory_format=torch.channels_last) for k, v in batch.items()}
+            data_time += time.time() - tick
+            lr = learning_rate(step, total_steps, args.warmup_epochs * steps_per_epoch, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device, args):
+                loss, p, z = train_step(source_ddp, target, batch, args)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            ema = target_momentum(step, total_steps, args.ema)
+            momentum_update(target, source, ema)
+            step += 1
+            window_steps += 1
+            if step % args.print_freq == 0 or step == last_step or step % steps_per_epoch == 0:
+                loss_value = loss.item()  # also waits for the GPU, so the window's times are real
+                check_finite(loss_value, source, step, args)  # runs at every epoch end: guards the save below
+                elapsed = time.time() - window_start
+                log(args, {"epoch": step / steps_per_epoch, "step": step, "loss": loss_value, "lr": lr,
+                           "ema": ema, "data_time": data_time / window_steps,
+                           "step_time": elapsed / window_steps, "images_per_s": args.batch_size * window_steps / elapsed,
+                           "std_source": simsiam_std(p), "std_target": simsiam_std(z)})
+                window_start, window_steps, data_time = time.time(), 0, 0.0
+            if step == last_step:
+                break
+            tick = time.time()
+        save_checkpoint(args, step, steps_per_epoch, source, target, optimizer, scaler)
+        done = step == last_step
+        if args.knn_every >= 0 and (done or (args.knn_every and step % (args.knn_every * steps_per_epoch) == 0)):
+            log(args, {"epoch": step / steps_per_epoch, "step": step,
+                       "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
+        dist.destroy_process_group()
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (augment.InputError, FloatingPointError) as e:  # from this process or a data worker
+        if rank() == 0:  # a worker's error arrives as its traceback: keep its last line, the message
+            message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, augment.InputError) else 1)
+
+
+if __name__ == "__main__":
+    main()
