@@ -139,10 +139,12 @@ class Views:
     n_source / n_target: standard views per encoder (MeanEnc averages the n_t target encodings).
     multicrop: m small crops, placed on multicrop_on ("source" | "target" | "both").
     scalemix_on: None | "source" | "target" | "both": those standard views are ScaleMix views.
+    crop_min: the recipes' RandomResizedCrop min scale for the standard views, where it differs
+    (MoCo v3's ResNet: 0.2); WeakerAug and MultiCrop keep their own.
     """
 
     def __init__(self, size, framework="mocov2", source_aug="default", target_aug="default",
-                 n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None):
+                 n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None, crop_min=None):
         self.n_source, self.n_target, self.scalemix_on = n_source, n_target, scalemix_on
         self.multicrop, self.multicrop_on = multicrop, multicrop_on
         recipes = FRAMEWORK_RECIPES[framework]
@@ -150,8 +152,11 @@ class Views:
         for encoder, aug, recipe in (("source", source_aug, recipes[0]), ("target", target_aug, recipes[1])):
             recipe = "weaker" if aug == "weaker" else recipe
             stronger = aug == "stronger"
-            # with MultiCrop the standard crops give the smallest scales to the small crops
-            standard_scale = (MULTICROP_SCALE[1], 1.0) if multicrop else None
+            standard_scale = None  # the recipe's own
+            if multicrop:  # the standard crops give the smallest scales to the small crops
+                standard_scale = (MULTICROP_SCALE[1], 1.0)
+            elif crop_min and recipe != "weaker":
+                standard_scale = (crop_min, 1.0)
             self.transforms[encoder] = view_transform(recipe, size, standard_scale, stronger)
             self.transforms[encoder + "_small"] = view_transform(
                 recipe, small_crop_size(size), MULTICROP_SCALE, stronger)

@@ -76,6 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--dim", type=int, default=256, help="encoding dimension (projector and predictor output)")
     g.add_argument("--mlp-dim", type=int, default=4096, help="hidden width of projector and predictor")
     g.add_argument("--temperature", type=float, help="InfoNCE temperature T (the loss is scaled by 2T); default 1.0 for ResNets, 0.2 for ViTs")
+    g.add_argument("--crop-min", type=float, help="RandomResizedCrop min scale of the standard views; default 0.2 for ResNets, 0.08 for ViTs (MoCo v3)")
     g.add_argument("--patch-size", type=int, default=16, help="ViT patch size (the image size must be a multiple)")
     g.add_argument("--ema", type=float, default=0.99, help="target momentum m at step 0, raised to 1 by a cosine (0.996 for 1000 epochs)")
     g.add_argument("--sym", action="store_true", help="the original symmetrized loss: each view is once source, once target")
@@ -126,6 +127,7 @@ def parse_args(argv=None):
     args.wd = wd if args.wd is None else args.wd
     args.warmup_epochs = (40 if vit else 10) if args.warmup_epochs is None else args.warmup_epochs
     args.temperature = (0.2 if vit else 1.0) if args.temperature is None else args.temperature
+    args.crop_min = (0.08 if vit else 0.2) if args.crop_min is None else args.crop_min
     return args
 
 
@@ -135,7 +137,8 @@ def parse_args(argv=None):
 def make_views(args):
     return augment.Views(args.image_size, "mocov3", args.source_aug, args.target_aug,
                          n_source=args.mean_enc_source, n_target=args.mean_enc,
-                         multicrop=args.multicrop, multicrop_on=args.multicrop_on, scalemix_on=args.scalemix_on)
+                         multicrop=args.multicrop, multicrop_on=args.multicrop_on, scalemix_on=args.scalemix_on,
+                         crop_min=args.crop_min)
 
 
 def make_datasets(args):
@@ -652,6 +655,8 @@ def check_args(args, train_set):
             problems.append(f"{what} of --patch-size {args.patch_size} for a ViT")
         if args.cifar_stem:
             problems.append("--cifar-stem is for ResNets, not ViTs")
+    if not 0 < args.crop_min <= 1:
+        problems.append(f"--crop-min {args.crop_min} must be in (0, 1]")
     if args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     elif local % args.bn_splits or local // args.bn_splits < 2:

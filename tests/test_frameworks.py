@@ -16,6 +16,10 @@ from conftest import COMMON, read_log, run_in_processes, step_losses
 SMALL = {
     "mocov2_asym.py": ["--queue-size", "64"],
     "byol_asym.py": ["--dim", "32", "--mlp-dim", "64"],
+    "mocov3_asym.py": ["--dim", "32", "--mlp-dim", "64"],
+    "simsiam_asym.py": ["--dim", "32", "--proj-dim", "64", "--pred-dim", "16"],
+    "simclr_asym.py": ["--dim", "16", "--mlp-dim", "32"],
+    "barlow_asym.py": ["--projector", "32-32-32"],
 }
 SCRIPTS = list(SMALL)
 DESIGNS = {
@@ -32,6 +36,11 @@ DESIGNS = {
 }
 EXTRA_DESIGNS = {  # what a script adds to the common designs
     "byol_asym.py": {"global-bn": ["--global-bn"]},
+    "mocov3_asym.py": {"global-bn": ["--global-bn"],
+                       "vit": ["--arch", "vit_small", "--patch-size", "8", "--multicrop", "2", "--mean-enc", "2"]},
+    "simsiam_asym.py": {"global-bn": ["--global-bn"], "no-fix-pred-lr": ["--no-fix-pred-lr"]},
+    "simclr_asym.py": {"global-bn": ["--global-bn"]},
+    "barlow_asym.py": {"global-bn": ["--global-bn"]},
 }
 
 

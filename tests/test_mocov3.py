@@ -116,6 +116,11 @@ def test_defaults_resolved_per_arch():
     assert isinstance(mocov3.make_optimizer(nn.Linear(2, 2), mocov3.parse_args([])), mocov3.LARS)
     adamw = mocov3.make_optimizer(nn.Linear(2, 2), mocov3.parse_args(["--arch", "vit_small"]))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.1
+    # MoCo v3's crops: min scale 0.2 for ResNets, 0.08 for ViTs; WeakerAug keeps 0.08, MultiCrop 0.14
+    crop_scale = lambda argv, view="source": mocov3.make_views(mocov3.parse_args(argv)).transforms[view].transforms[0].scale
+    assert crop_scale([]) == crop_scale([], "target") == (0.2, 1.0)
+    assert crop_scale(["--arch", "vit_small"]) == crop_scale(["--crop-min", "0.08"]) == (0.08, 1.0)
+    assert crop_scale(["--asym-aug"], "target") == (0.08, 1.0) and crop_scale(["--multicrop"]) == (0.14, 1.0)
 
 
 def test_check_args_takes_vits_and_rejects_partial_patches():
