@@ -363,10 +363,12 @@ class Queue(nn.Module):
 def infonce(q, k, queue, temperature):
     """q, k: NxD l2-normalised source / target encodings; queue: KxD negatives -> mean cross-entropy
     of picking k (the positive) among [k, queue] for each q."""
-    positive = (q * k).sum(1, keepdim=True)  # Nx1
-    negative = q @ queue.T  # NxK
-    logits = torch.cat([positive, negative], dim=1) / temperature  # Nx(1+K)
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    with torch.autocast(q.device.type, enabled=False):  # logits in float32 even under --amp
+        q, k = q.float(), k.float()
+        positive = (q * k).sum(1, keepdim=True)  # Nx1
+        negative = q @ queue.T  # NxK
+        logits = torch.cat([positive, negative], dim=1) / temperature  # Nx(1+K)
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
 # +-----------------------------------------------------------------------------------------+
