@@ -475,6 +475,11 @@ def param_groups(source):
     return [{"params": weights, "biases": False}, {"params": biases, "biases": True}]
 
 
+def make_optimizer(source, args):
+    """LARS over the source, as Barlow Twins; the loop sets each group's lr."""
+    return LARS(param_groups(source), weight_decay=args.wd)
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = path + ".tmp"
@@ -623,7 +628,7 @@ def train(args):
     os.makedirs(args.output_dir, exist_ok=True)
     source, target = build_encoders(args, device)
     source_ddp = nn.parallel.DistributedDataParallel(source) if world_size() > 1 else source
-    optimizer = LARS(param_groups(source), weight_decay=args.wd)
+    optimizer = make_optimizer(source, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch

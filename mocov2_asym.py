@@ -447,6 +447,11 @@ def learning_rate(step, total_steps, warmup_steps, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
 
+def make_optimizer(source, args):
+    """SGD with momentum 0.9 and weight decay on every parameter, as MoCo v2; the loop sets its lr."""
+    return torch.optim.SGD(source.parameters(), lr=0.0, momentum=0.9, weight_decay=args.wd)
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = path + ".tmp"
@@ -594,7 +599,7 @@ def train(args):
     source, target = build_encoders(args, device)
     queue = Queue(args.queue_size, args.dim).to(device)
     source_ddp = nn.parallel.DistributedDataParallel(source) if world_size() > 1 else source
-    optimizer = torch.optim.SGD(source.parameters(), lr=0.0, momentum=0.9, weight_decay=args.wd)
+    optimizer = make_optimizer(source, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch

@@ -482,6 +482,11 @@ class LARS(torch.optim.Optimizer):
                 w.add_(buf, alpha=-group["lr"])
 
 
+def make_optimizer(source, args):
+    """LARS over the source, as SimCLR; the loop sets its lr."""
+    return LARS(source.parameters(), weight_decay=args.wd)
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = path + ".tmp"
@@ -626,7 +631,7 @@ def train(args):
     os.makedirs(args.output_dir, exist_ok=True)
     source, target = build_encoders(args, device)
     source_ddp = nn.parallel.DistributedDataParallel(source) if world_size() > 1 else source
-    optimizer = LARS(source.parameters(), weight_decay=args.wd)
+    optimizer = make_optimizer(source, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch

@@ -423,6 +423,11 @@ def param_groups(source, args):
     return [{"params": others, "fix_lr": False}, {"params": predictor, "fix_lr": args.fix_pred_lr}]
 
 
+def make_optimizer(source, args):
+    """SGD with momentum 0.9 and weight decay on every parameter, as SimSiam; the loop sets its lr."""
+    return torch.optim.SGD(param_groups(source, args), lr=0.0, momentum=0.9, weight_decay=args.wd)
+
+
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = path + ".tmp"
@@ -567,7 +572,7 @@ def train(args):
     os.makedirs(args.output_dir, exist_ok=True)
     source, target = build_encoders(args, device)
     source_ddp = nn.parallel.DistributedDataParallel(source) if world_size() > 1 else source
-    optimizer = torch.optim.SGD(param_groups(source, args), lr=0.0, momentum=0.9, weight_decay=args.wd)
+    optimizer = make_optimizer(source, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
