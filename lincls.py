@@ -1,0 +1,550 @@
+"""Linear probe of a pretrained backbone (ImageNet top-1 / top-5), the evaluation of Wang et al. 2022.
+
+Protocol in five lines:
+    backbone <- any of our scripts' checkpoint.pth / backbone.pth, or an official MoCo / MoCo v3 /
+                SimSiam / asymmetry-paper checkpoint; frozen, in eval mode (BN statistics fixed)
+    head = Linear(D, classes), init N(0, 0.01), bias 0; optional parameter-free BN before it (--head-bn)
+    train: RandomResizedCrop + flip -> backbone (no gradient) -> head; cross-entropy; only the head moves
+    val: Resize(256) + CenterCrop(224); top-1 / top-5 every epoch; a check at the end that no backbone weight moved
+
+Presets (--preset; any flag given overrides it; lr = base x batch / 256):
+    paper   the paper's default (SimSiam's): LARS, batch 4096, base lr 0.1, wd 0, 90 epochs, cosine
+    moco    MoCo v2's: SGD, batch 256, base lr 30, 100 epochs, x0.1 at 60% and 80% (the paper's final
+            model: SGD, batch 256, lr 120: --preset moco --lr 120)
+    mocov3  MoCo v3's: SGD, batch 1024, base lr 0.1 (3 for ViTs), 90 epochs, cosine
+--cached-features extracts the features of every training image once (center crop, no augmentation)
+and trains the head on them: minutes instead of hours on small data and on CPU.
+
+Examples:
+    python lincls.py --pretrained runs/quickstart/checkpoint.pth --data synthetic --image-size 32 \\
+        --cached-features --head-bn --optimizer sgd --lr 1.0 --batch-size 256 --epochs 50 --workers 2   # CPU minutes
+    torchrun --nproc_per_node=8 lincls.py --pretrained runs/baseline/backbone.pth --arch resnet50 --data $IMAGENET
+    torchrun --nproc_per_node=8 lincls.py --pretrained moco_v2_800ep_pretrain.pth.tar --data $IMAGENET --preset moco
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import augment
+import mocov3_asym
+
+# =============================================================================================
+# Arguments
+# =============================================================================================
+RESNETS = [name for name in torchvision.models.list_models(module=torchvision.models)
+           if name.startswith(("resnet", "resnext", "wide_resnet"))]
+VITS = list(mocov3_asym.VITS)
+# preset -> optimizer, global batch, base lr per 256 images (ResNet, ViT), epochs, schedule
+PRESETS = {
+    "paper": ("lars", 4096, (0.1, 0.1), 90, "cosine"),
+    "moco": ("sgd", 256, (30.0, 30.0), 100, "step"),
+    "mocov3": ("sgd", 1024, (0.1, 3.0), 90, "cosine"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Linear probe of a frozen pretrained backbone",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root with train/ and val/ or test/")
+    g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    g.add_argument("--image-size", type=int, default=224, help="crop size (32 for CIFAR); val resizes to size x 256/224 first")
+    g.add_argument("--workers", type=int, default=8, help="data loading processes per process")
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained", required=True,
+                   help="checkpoint.pth or backbone.pth of our scripts, an official MoCo / MoCo v3 / SimSiam checkpoint, "
+                        "or 'random' (a randomly initialised backbone: the reference to beat)")
+    g.add_argument("--arch", help="backbone: taken from our checkpoint.pth; otherwise needed, default resnet50. "
+                   "Any torchvision ResNet or " + ", ".join(VITS) + " (CIFAR stem and ViT patch size are read from the weights)")
+    g.add_argument("--head-bn", action="store_true", help="parameter-free BN (no affine, per process) before the linear head: "
+                   "standardises the features and removes most of the lr sensitivity")
+    g = p.add_argument_group("optimization (defaults from --preset)")
+    g.add_argument("--preset", default="paper", choices=list(PRESETS),
+                   help="paper: LARS bs 4096 lr 0.1 90 ep cosine | moco: SGD bs 256 lr 30 100 ep step | mocov3: SGD bs 1024 lr 0.1 (ViT 3) 90 ep cosine")
+    g.add_argument("--optimizer", choices=["lars", "sgd"], help="LARS (trust 0.001) or SGD, both momentum 0.9")
+    g.add_argument("--batch-size", type=int, help="global batch over all processes")
+    g.add_argument("--lr", type=float, help="base learning rate per 256 images (lr = base x batch / 256)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--schedule", choices=["cosine", "step"], help="cosine decay per step, or x0.1 at 60%% and 80%% of training")
+    g.add_argument("--wd", type=float, default=0.0, help="weight decay (0 in all three presets)")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision of the backbone forward; auto: bf16 (or fp16 without bf16 support) on CUDA, off on CPU")
+    g = p.add_argument_group("probe")
+    g.add_argument("--cached-features", action="store_true",
+                   help="extract the training features once (center crop, no augmentation) and train the head on them")
+    g.add_argument("--no-aug", action="store_true",
+                   help="train on center crops (the eval transform) instead of RandomResizedCrop + flip; what --cached-features sees")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/lincls", help="checkpoint.pth and log.jsonl")
+    g.add_argument("--resume", default="auto", help="auto (output-dir/checkpoint.pth if present) | none | a checkpoint path")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: run all epochs); the schedule is unchanged")
+    g.add_argument("--print-freq", type=int, default=50, help="log every N steps")
+    args = p.parse_args(argv)
+    if args.cached_features:
+        args.no_aug = True  # cached features are center crops: say so in the checkpoint's args
+    return args
+
+
+def resolve_preset(args, arch):
+    """Fill the optimisation flags left unset from --preset (the base lr depends on ResNet / ViT)."""
+    optimizer, batch, lrs, epochs, schedule = PRESETS[args.preset]
+    args.optimizer = args.optimizer or optimizer
+    args.batch_size = args.batch_size or batch
+    args.lr = lrs[arch in VITS] if args.lr is None else args.lr
+    args.epochs = args.epochs or epochs
+    args.schedule = args.schedule or schedule
+
+
+# =============================================================================================
+# Data
+# =============================================================================================
+def train_transform(size):
+    """The probe's training augmentation: RandomResizedCrop + flip, nothing else."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])
+
+
+def make_datasets(args):
+    """Labelled training images (augmented or center crops) and the held-out split (center crops)."""
+    eval_t = augment.eval_transform(args.image_size)
+    train_t = eval_t if args.no_aug else train_transform(args.image_size)
+    train_set = augment.dataset(args.data, "train_labeled", train_t, args.data_root, args.seed, args.skip_bad_images)
+    val_set = augment.dataset(args.data, "test", eval_t, args.data_root, skip_bad=args.skip_bad_images)
+    return train_set, val_set
+
+
+def train_loader(train_set, epoch, skip_batches, args):
+    """This process's batches of `epoch`, from batch `skip_batches` on (a resumed epoch)."""
+    sampler = torch.utils.data.DistributedSampler(train_set, world_size(), rank(), shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    local_batch = args.batch_size // world_size()
+    train_set.epoch = epoch  # seeds the crops: the same whatever the workers, world size or resume
+    workers = 0 if args.cached_features else args.workers  # cached: rows of a tensor, nothing to load
+    return torch.utils.data.DataLoader(
+        train_set, batch_size=local_batch, sampler=list(sampler)[skip_batches * local_batch:],
+        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=True)
+
+
+def eval_loader(dataset, args):
+    """This process's shard (every world_size-th image) of a data set, in batches of 256 or more
+    (no gradient: big batches cost little memory and run much faster on CPU)."""
+    shard = torch.utils.data.Subset(dataset, range(rank(), len(dataset), world_size()))
+    return torch.utils.data.DataLoader(shard, batch_size=max(args.batch_size // world_size(), 256),
+                                       num_workers=args.workers, pin_memory=torch.cuda.is_available())
+
+
+# =============================================================================================
+# Model: the collectives, the backbone from any checkpoint, the head
+# =============================================================================================
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def concat_all_gather(x):
+    """Local NxC -> (world*N)xC in rank order, no gradient."""
+    if world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def mean_over_processes(x):
+    """The mean of a tensor over all processes (the identity on one)."""
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+def resnet_backbone(arch, cifar_stem, zero_init_residual=False):
+    """torchvision ResNet without its fc (-> pooled features) and its feature dimension.
+    zero_init_residual: each block starts as the identity (last BN scale 0), as some frameworks do."""
+    net = torchvision.models.get_model(arch, zero_init_residual=zero_init_residual)
+    if cifar_stem:  # 32 px images: keep the resolution the ImageNet stem would divide by 4
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+# where each layout keeps its backbone: ours (checkpoint.pth "source"), MoCo v1/v2 and the asymmetry
+# paper's code, MoCo v3 (ResNets), SimSiam. Their projectors sit in "fc.*" and are dropped.
+OFFICIAL_PREFIXES = ("module.encoder_q.", "module.base_encoder.", "module.encoder.")
+HEAD_KEYS = ("fc.", "head.", "heads.")
+
+
+def short_list(keys, n=4):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") if keys else "none"
+
+
+def read_backbone_weights(path):
+    """Any supported checkpoint -> (torchvision-keyed backbone state dict without fc, the
+    pretraining args: our checkpoint.pth's, else {}). Unreadable or foreign files raise InputError."""
+    if not os.path.isfile(path):
+        raise augment.InputError(f"--pretrained {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        detail = " ".join(str(e).split())[:200]
+        raise augment.InputError(f"cannot read checkpoint {path}: {type(e).__name__}: {detail}") from None
+    if not isinstance(ckpt, dict):
+        raise augment.InputError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+    pretrain_args = {}
+    if isinstance(ckpt.get("source"), dict):  # our checkpoint.pth: the source encoder's backbone
+        state, prefix, pretrain_args = ckpt["source"], "backbone.", ckpt.get("args", {})
+    else:  # an official checkpoint {"state_dict": ...}, or a plain state dict (our backbone.pth)
+        state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
+        prefix = next((p for p in OFFICIAL_PREFIXES if any(k.startswith(p) for k in state)), "")
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    if any(k.startswith(("blocks.", "patch_embed.")) for k in state):
+        raise augment.InputError(f"{path} is a timm-named ViT (e.g. an official MoCo v3 ViT checkpoint); only the "
+                                 f"torchvision-keyed ViTs of mocov3_asym.py are supported")
+    state = {k: v for k, v in state.items() if not k.startswith(HEAD_KEYS)}
+    if not state:
+        raise augment.InputError(f"no backbone weights in {path} (looked for keys starting with backbone., "
+                                 f"{', '.join(OFFICIAL_PREFIXES)} or torchvision names)")
+    return state, pretrain_args
+
+
+def build_backbone(arch, state):
+    """A backbone of `arch` shaped like the weights `state` (CIFAR stem, ViT patch and image size),
+    loaded strictly; -> (backbone, feature dim). `state` None: random initialisation."""
+    if arch in VITS:
+        patch, image_size = 16, 224
+        if state is not None and "conv_proj.weight" in state and "encoder.pos_embedding" in state:
+            patch = state["conv_proj.weight"].shape[-1]  # Dx3xPxP
+            image_size = math.isqrt(state["encoder.pos_embedding"].shape[1] - 1) * patch  # 1x(1+g*g)xD
+        net, dim = mocov3_asym.vit_backbone(arch, image_size, patch)
+    else:
+        cifar_stem = state is not None and "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3
+        net, dim = resnet_backbone(arch, cifar_stem)
+    if state is None:
+        return net, dim
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    resized = [f"{k} ({'x'.join(map(str, state[k].shape))} in the file, {'x'.join(map(str, expected[k].shape))} here)"
+               for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or resized:
+        raise augment.InputError(f"the weights do not fit a {arch} backbone: missing keys {short_list(missing)}; "
+                                 f"unexpected keys {short_list(unexpected)}" + (f"; other shapes: {short_list(resized, 2)}" if resized else ""))
+    net.load_state_dict(state)
+    return net, dim
+
+
+def load_backbone(pretrained, arch, seed=0):
+    """--pretrained and --arch -> (frozen backbone in eval mode, feature dim, arch, a copy of the
+    weights it must keep). Our checkpoint.pth names its arch; a flag that disagrees is an error."""
+    if pretrained == "random":
+        state, pretrain_args = None, {}
+    else:
+        state, pretrain_args = read_backbone_weights(pretrained)
+    saved_arch = pretrain_args.get("arch")
+    if arch and saved_arch and arch != saved_arch:
+        raise augment.InputError(f"--arch {arch}, but {pretrained} holds a {saved_arch}")
+    arch = arch or saved_arch or "resnet50"
+    if arch not in RESNETS + VITS:
+        raise augment.InputError(f"--arch {arch} is not a torchvision ResNet or one of {', '.join(VITS)}")
+    torch.manual_seed(seed)
+    backbone, dim = build_backbone(arch, state)
+    backbone.requires_grad_(False)
+    backbone.eval()  # BN uses its running statistics and never updates them
+    reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    return backbone, dim, arch, reference
+
+
+def check_backbone_unchanged(backbone, reference):
+    """The probe must not have moved a single backbone weight or BN statistic."""
+    moved = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), reference[k])]
+    if moved:
+        raise RuntimeError(f"backbone weights changed during the linear probe: {short_list(moved)}")
+
+
+def make_head(feature_dim, num_classes, head_bn):
+    """[parameter-free BN] + Linear(D, classes) with init N(0, 0.01), bias 0."""
+    linear = nn.Linear(feature_dim, num_classes)
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    if not head_bn:
+        return linear
+    return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), linear)
+
+
+# =============================================================================================
+# Probe: optimizer, schedule, accuracy
+# =============================================================================================
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step is rescaled per weight tensor by the trust ratio
+    eta * ||w|| / ||g + wd w|| (You et al. 2017). 1-D parameters (biases, BN) get neither
+    weight decay nor the trust ratio, as in BYOL, SimCLR, MoCo v3 and Barlow Twins."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                update = w.grad
+                if w.ndim > 1:
+                    update = update.add(w, alpha=group["weight_decay"])
+                    w_norm, update_norm = w.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (update_norm > 0),
+                                        group["trust_coefficient"] * w_norm / update_norm, 1.0)
+                    update = update * trust
+                buf = self.state[w].setdefault("momentum_buffer", torch.zeros_like(w))
+                buf.mul_(group["momentum"]).add_(update)
+                w.add_(buf, alpha=-group["lr"])
+
+
+def make_optimizer(head, args):
+    if args.optimizer == "lars":
+        return LARS(head.parameters(), weight_decay=args.wd)
+    return torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9, weight_decay=args.wd)
+
+
+def learning_rate(step, total_steps, peak, schedule):
+    """cosine: half-cosine from `peak` to 0 per step; step: x0.1 at 60% and 80% of the steps (MoCo's 60/80 of 100)."""
+    if schedule == "step":
+        return peak * 0.1 ** sum(step >= m * total_steps for m in (0.6, 0.8))
+    return peak * 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
+
+
+def autocast(device, args):
+    """Mixed precision of --amp (resolved to bf16 | fp16 | off)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def encode(backbone, images, device, args):
+    """Nx3xHxW -> NxD float features of the frozen backbone (no gradient)."""
+    with torch.no_grad(), autocast(device, args):
+        return backbone(images.to(device, non_blocking=True)).float()
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, device, args):
+    """Features of every image of `dataset` (center crops) on every process: each process encodes
+    its shard (images r, r+w, ...), the shards are gathered and interleaved back -> NxD, N."""
+    features, labels = [], []
+    for images, y in eval_loader(dataset, args):
+        features.append(encode(backbone, images, device, args))
+        labels.append(y.to(device))
+    features, labels = torch.cat(features), torch.cat(labels)
+    n_max = (len(dataset) + world_size() - 1) // world_size()  # rank 0's shard, the longest
+    pad = n_max - len(features)
+    features = torch.cat([features, features.new_zeros(pad, features.shape[1])])
+    labels = torch.cat([labels, labels.new_zeros(pad)])
+    # row j of rank r is image j*w + r: gathered as w x rows x D, transposed, flattened -> image order;
+    # in chunks of local rows, so that the gather never holds more than w x 65536 rows on the GPU
+    interleave = lambda x: concat_all_gather(x[None]).transpose(0, 1).flatten(0, 1).cpu()
+    features = torch.cat([interleave(chunk) for chunk in features.split(65536)])  # (n_max*w)xD
+    labels = torch.cat([interleave(chunk) for chunk in labels.split(65536)])
+    return features[:len(dataset)], labels[:len(dataset)]
+
+
+class CachedFeatures(torch.utils.data.TensorDataset):
+    """Training features in dataset order: row i is image i, so the sampler picks the same
+    images as in a direct probe (an `epoch` attribute like augment.SeededDataset's)."""
+    epoch = 0
+
+
+@torch.no_grad()
+def accuracy(backbone, head, val_loader, device, args):
+    """Top-1 and top-5 (%) over every process's shard of the held-out images."""
+    head.eval()
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    for images, y in val_loader:
+        features = images.to(device) if backbone is None else encode(backbone, images, device, args)
+        logits, y = head(features), y.to(device)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        counts += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(), torch.tensor(len(y), device=device)])
+    head.train()
+    if world_size() > 1:
+        dist.all_reduce(counts)
+    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+
+# =============================================================================================
+# Loop and checkpoint
+# =============================================================================================
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, head, optimizer, steps_per_epoch):
+    """Restore the head and optimizer from `path`; -> (step, best top-1). Bad files raise InputError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except Exception as e:
+        detail = " ".join(str(e).split())[:300]
+        raise augment.InputError(f"cannot resume from {path}: {type(e).__name__}: {detail}") from None
+    if ckpt["steps_per_epoch"] != steps_per_epoch:
+        raise augment.InputError(f"cannot resume from {path}: it has {ckpt['steps_per_epoch']} steps per epoch, "
+                                 f"this run {steps_per_epoch} (other --batch-size or --data?)")
+    return ckpt["step"], ckpt["best_top1"]
+
+
+def save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1):
+    """output-dir/checkpoint.pth: the head (a plain Linear / BN+Linear state dict), to resume or to reuse."""
+    if rank() == 0:
+        save_atomic({"step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                     "args": vars(args), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                     "best_top1": best_top1}, os.path.join(args.output_dir, "checkpoint.pth"))
+
+
+def log(args, stats):
+    if rank() == 0:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()), flush=True)
+        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+def check_args(args, train_set, backbone):
+    """Impossible settings as one clear error, before any work."""
+    problems = []
+    if args.batch_size % world_size():
+        problems.append(f"--batch-size {args.batch_size} is not divisible by the {world_size()} processes")
+    if len(train_set) < args.batch_size:
+        problems.append(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images "
+                        f"(the presets assume ImageNet; pass a smaller --batch-size)")
+    patch = getattr(backbone, "patch_size", 1)  # ViTs only
+    if args.image_size % patch:
+        problems.append(f"--image-size {args.image_size} is not a multiple of the ViT's patch size {patch}")
+    if args.epochs < 1 or args.lr <= 0:
+        problems.append("--epochs and --lr must be positive")
+    if problems:
+        raise augment.InputError("; ".join(problems))
+
+
+def train(args):
+    if "WORLD_SIZE" in os.environ:  # torchrun: env:// rendezvous
+        if torch.cuda.is_available():  # one GPU per process, named so NCCL need not guess it
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if args.amp == "auto":
+        args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    torch.backends.cudnn.benchmark = True
+
+    backbone, feature_dim, args.arch, reference = load_backbone(args.pretrained, args.arch, args.seed)
+    resolve_preset(args, args.arch)
+    train_set, val_set = make_datasets(args)
+    check_args(args, train_set, backbone)
+    os.makedirs(args.output_dir, exist_ok=True)
+    backbone.to(device)
+    num_classes = len(train_set.base.classes)
+    torch.manual_seed(args.seed)
+    head = make_head(feature_dim, num_classes, args.head_bn).to(device)
+    head_ddp = nn.parallel.DistributedDataParallel(head) if world_size() > 1 else head
+    optimizer = make_optimizer(head, args)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    peak_lr = args.lr * args.batch_size / 256
+
+    step, best_top1 = 0, 0.0
+    resume = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    if resume != "none" and os.path.exists(resume):
+        step, best_top1 = load_checkpoint(resume, head, optimizer, steps_per_epoch)
+        log(args, {"resumed": resume, "step": step})
+    elif args.resume not in ("auto", "none"):
+        raise augment.InputError(f"--resume {args.resume}: no such file")
+
+    if args.cached_features:  # one pass over center crops; the loop below then never runs the backbone
+        tick = time.time()
+        train_set = CachedFeatures(*extract_features(backbone, train_set, device, args))
+        val_features = CachedFeatures(*extract_features(backbone, val_set, device, args))
+        val_loader = eval_loader(val_features, argparse.Namespace(batch_size=args.batch_size, workers=0))
+        log(args, {"features": "cached", "train": len(train_set), "val": len(val_features), "seconds": time.time() - tick})
+        run_backbone = None
+    else:
+        val_loader, run_backbone = eval_loader(val_set, args), backbone
+
+    last_step = min(total_steps, args.max_steps or total_steps)
+    top1 = top5 = None
+    while step < last_step:
+        window_start, window_steps = time.time(), 0
+        for images, labels in train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args):
+            lr = learning_rate(step, total_steps, peak_lr, args.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            features = images.to(device) if run_backbone is None else encode(backbone, images, device, args)
+            loss = F.cross_entropy(head_ddp(features), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            window_steps += 1
+            if step % args.print_freq == 0 or step == last_step or step % steps_per_epoch == 0:
+                loss_value = mean_over_processes(loss.detach()).item()  # the global batch's loss
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr or use --head-bn; "
+                                             f"stopped without saving, the last good checkpoint in {args.output_dir} is intact")
+                elapsed = time.time() - window_start
+                log(args, {"epoch": step / steps_per_epoch, "step": step, "loss": loss_value, "lr": lr,
+                           "images_per_s": args.batch_size * window_steps / elapsed})
+                window_start, window_steps = time.time(), 0
+            if step == last_step:
+                break
+        top1, top5 = accuracy(run_backbone, head, val_loader, device, args)
+        best_top1 = max(best_top1, top1)
+        log(args, {"epoch": step / steps_per_epoch, "step": step, "top1": top1, "top5": top5})
+        save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1)
+    if top1 is None:  # resumed a finished run: report its accuracy again
+        top1, top5 = accuracy(run_backbone, head, val_loader, device, args)
+    check_backbone_unchanged(backbone, reference)
+    log(args, {"best_top1": best_top1, "final_top1": top1, "final_top5": top5, "backbone_unchanged": True})
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
+        dist.destroy_process_group()
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (augment.InputError, FloatingPointError) as e:  # from this process or a data worker
+        if rank() == 0:  # a worker's error arrives as its traceback: keep its last line, the message
+            message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, augment.InputError) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""lincls.py: the backbone from each checkpoint layout (ours from a real run, the official ones built
+here), one clear error naming the keys that do not fit, the no-weight-moved check, the presets,
+1 process == 2 processes (with a resume), and cached features == a direct probe on center crops."""
+import pytest
+import torch
+import torch.nn as nn
+
+import augment
+import lincls
+import mocov2_asym
+import mocov3_asym
+from conftest import FAST, read_log, run_in_processes
+
+PROBE = ["--image-size", "16", "--workers", "0", "--print-freq", "1", "--optimizer", "sgd", "--lr", "2.0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one thread (as run_in_processes's) spares every op
+    a wait for a busy second core, many times faster here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """checkpoint.pth and backbone.pth of one real mocov2_asym.py step."""
+    out = tmp_path_factory.mktemp("mocov2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    mocov2_asym.main(FAST + ["--max-steps", "1", "--output-dir", str(out)])
+    torch.set_num_threads(threads)
+    return out
+
+
+def resnet18_state(cifar_stem=False):
+    torch.manual_seed(0)
+    return lincls.resnet_backbone("resnet18", cifar_stem)[0].state_dict()
+
+
+def assert_same_weights(backbone, state):
+    got = backbone.state_dict()
+    assert sorted(got) == sorted(state)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_our_checkpoint_and_backbone_file(ours):
+    source = torch.load(ours / "checkpoint.pth", weights_only=True)["source"]
+    expected = {k[len("backbone."):]: v for k, v in source.items() if k.startswith("backbone.")}
+    backbone, dim, arch, _ = lincls.load_backbone(str(ours / "checkpoint.pth"), None)  # arch from its args
+    assert (arch, dim) == ("resnet18", 512) and not backbone.training
+    assert all(not p.requires_grad for p in backbone.parameters())
+    assert_same_weights(backbone, expected)
+    backbone, _, _, _ = lincls.load_backbone(str(ours / "backbone.pth"), "resnet18")
+    assert_same_weights(backbone, expected)
+    with pytest.raises(augment.InputError, match="do not fit a resnet50 backbone: missing keys layer1.0.bn3"):  # a plain file needs --arch
+        lincls.load_backbone(str(ours / "backbone.pth"), None)
+    with pytest.raises(augment.InputError, match="--arch resnet34, but .* holds a resnet18"):
+        lincls.load_backbone(str(ours / "checkpoint.pth"), "resnet34")
+
+
+@pytest.mark.parametrize("prefix,others", [
+    ("module.encoder_q.", ["module.encoder_k.conv1.weight", "queue"]),  # MoCo v1/v2, the asymmetry paper's code
+    ("module.base_encoder.", ["module.momentum_encoder.conv1.weight", "module.predictor.0.weight"]),  # MoCo v3
+    ("module.encoder.", ["module.predictor.0.weight"]),  # SimSiam
+])
+def test_official_layouts(prefix, others, tmp_path):
+    state = resnet18_state()
+    ckpt = {prefix + k: v for k, v in state.items()}
+    ckpt.update({prefix + "fc.0.weight": torch.randn(4, 512), prefix + "fc.0.bias": torch.zeros(4),  # projector as fc
+                 **{k: torch.randn(2) for k in others}})
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": ckpt, "optimizer": {"state": {}, "param_groups": []}},
+               tmp_path / "official.pth.tar")
+    backbone, _, _, _ = lincls.load_backbone(str(tmp_path / "official.pth.tar"), "resnet18")
+    assert_same_weights(backbone, state)
+
+
+def test_cifar_stem_and_vit_are_read_from_the_weights(tmp_path):
+    state = resnet18_state(cifar_stem=True)
+    torch.save(state, tmp_path / "backbone.pth")
+    backbone, _, _, _ = lincls.load_backbone(str(tmp_path / "backbone.pth"), "resnet18")
+    assert backbone.conv1.kernel_size == (3, 3) and isinstance(backbone.maxpool, nn.Identity)
+    assert_same_weights(backbone, state)
+    torch.manual_seed(0)
+    vit, _ = mocov3_asym.vit_backbone("vit_small", 32, 8)
+    source = {"backbone." + k: v for k, v in vit.state_dict().items()}
+    torch.save({"step": 1, "args": {"arch": "vit_small", "image_size": 32, "patch_size": 8}, "source": source},
+               tmp_path / "checkpoint.pth")
+    backbone, dim, arch, _ = lincls.load_backbone(str(tmp_path / "checkpoint.pth"), None)
+    assert (arch, dim, backbone.patch_size, backbone.image_size) == ("vit_small", 384, 8, 32)
+    assert_same_weights(backbone, vit.state_dict())
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 384)
+    timm = {"state_dict": {"module.base_encoder.patch_embed.proj.weight": torch.zeros(1),
+                           "module.base_encoder.blocks.0.attn.qkv.weight": torch.zeros(1)}}
+    torch.save(timm, tmp_path / "timm.pth")
+    with pytest.raises(augment.InputError, match="timm-named ViT"):
+        lincls.load_backbone(str(tmp_path / "timm.pth"), "vit_small")
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path, capsys):
+    state = resnet18_state()
+    del state["layer4.1.bn2.weight"]
+    state["extra.weight"] = torch.zeros(3)
+    torch.save({"state_dict": {"module.encoder_q." + k: v for k, v in state.items()}}, tmp_path / "bad.pth")
+    with pytest.raises(augment.InputError) as error:
+        lincls.load_backbone(str(tmp_path / "bad.pth"), "resnet18")
+    assert "missing keys layer4.1.bn2.weight; unexpected keys extra.weight" in str(error.value)
+    # from the command line: one error line, exit 2, before any work
+    for pretrained, message in ((tmp_path / "bad.pth", "missing keys layer4.1.bn2.weight"),
+                                (tmp_path / "none.pth", "no such file")):
+        with pytest.raises(SystemExit) as exit_:
+            lincls.main(PROBE + ["--pretrained", str(pretrained), "--arch", "resnet18", "--output-dir", str(tmp_path / "run")])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_sanity_check_catches_a_moved_weight(tmp_path):
+    torch.save(resnet18_state(), tmp_path / "backbone.pth")
+    backbone, _, _, reference = lincls.load_backbone(str(tmp_path / "backbone.pth"), "resnet18")
+    with torch.no_grad():
+        backbone(torch.randn(4, 3, 32, 32))  # eval mode: the BN statistics stay
+    lincls.check_backbone_unchanged(backbone, reference)
+    backbone.layer1[0].bn1.running_mean += 1e-3
+    with pytest.raises(RuntimeError, match="layer1.0.bn1.running_mean"):
+        lincls.check_backbone_unchanged(backbone, reference)
+
+
+def test_presets_and_schedules():
+    for preset, expected in (("paper", ("lars", 4096, 0.1, 90, "cosine")), ("moco", ("sgd", 256, 30.0, 100, "step")),
+                             ("mocov3", ("sgd", 1024, 0.1, 90, "cosine"))):
+        args = lincls.parse_args(["--pretrained", "x", "--preset", preset])
+        lincls.resolve_preset(args, "resnet50")
+        assert (args.optimizer, args.batch_size, args.lr, args.epochs, args.schedule) == expected
+    args = lincls.parse_args(["--pretrained", "x", "--preset", "mocov3"])
+    lincls.resolve_preset(args, "vit_base")
+    assert args.lr == 3.0
+    args = lincls.parse_args(["--pretrained", "x", "--preset", "moco", "--lr", "120", "--schedule", "cosine"])
+    lincls.resolve_preset(args, "resnet50")
+    assert (args.lr, args.schedule, args.batch_size) == (120.0, "cosine", 256)
+    assert [lincls.learning_rate(s, 100, 30.0, "step") for s in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
+    assert [lincls.learning_rate(s, 100, 1.6, "cosine") for s in (0, 50, 100)] == pytest.approx([1.6, 0.8, 0.0])
+    head = lincls.make_head(512, 10, head_bn=True)
+    assert isinstance(head[0], nn.BatchNorm1d) and not head[0].affine and not list(head[0].parameters())
+    assert head[1].bias.abs().sum() == 0 and head[1].weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
+def losses(log):
+    return {r["step"]: r["loss"] for r in log if "loss" in r}
+
+
+def assert_same_head(a, b, atol=1e-6):
+    a, b = (torch.load(out / "checkpoint.pth", weights_only=True)["head"] for out in (a, b))
+    assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], atol=atol) for k in a)
+
+
+def test_one_process_equals_two(ours, folder, tmp_path):
+    """In one process and in two: 3 steps of batch 32 on synthetic (the same losses, head and
+    accuracy); and on a folder, the cached features of two processes' shards, put back in order,
+    train the same head as one process's direct probe on center crops."""
+    synthetic = PROBE + ["--data", "synthetic", "--pretrained", str(ours / "checkpoint.pth"), "--batch-size", "32",
+                         "--epochs", "1", "--max-steps", "3"]
+    probe = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
+                     "--batch-size", "16", "--epochs", "2"]
+    lincls.main(synthetic + ["--output-dir", str(tmp_path / "one")])
+    lincls.main(probe + ["--no-aug", "--output-dir", str(tmp_path / "direct")])
+    run_in_processes("lincls.py", [synthetic + ["--output-dir", str(tmp_path / "two")],
+                                   probe + ["--cached-features", "--output-dir", str(tmp_path / "cached")]])
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert sorted(losses(one)) == sorted(losses(two)) == [1, 2, 3]
+    assert all(losses(one)[s] == pytest.approx(losses(two)[s], rel=1e-5) for s in range(1, 4))
+    assert_same_head(tmp_path / "one", tmp_path / "two")
+    assert one[-1]["final_top1"] == pytest.approx(two[-1]["final_top1"]) and one[-1]["backbone_unchanged"]
+    assert 0 <= one[-1]["final_top1"] <= one[-1]["final_top5"] <= 100
+    direct, cached = read_log(tmp_path / "direct"), read_log(tmp_path / "cached")
+    assert "features" not in direct[0] and cached[0]["features"] == "cached"
+    assert losses(direct) == pytest.approx(losses(cached), rel=1e-4) and len(losses(direct)) == 6
+    assert_same_head(tmp_path / "direct", tmp_path / "cached", atol=1e-5)
+
+
+def test_resume_equals_uninterrupted(ours, folder, tmp_path):
+    """3 steps an epoch; stop at step 2 (mid-epoch) and 4, then finish: the losses, the head, the
+    per-epoch accuracy and the best of an uninterrupted run."""
+    args = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
+                    "--batch-size", "16", "--epochs", "2"]
+    lincls.main(args + ["--output-dir", str(tmp_path / "whole")])
+    for stop in ("2", "4", "0"):
+        lincls.main(args + ["--max-steps", stop, "--output-dir", str(tmp_path / "parts")])
+    whole, parts = read_log(tmp_path / "whole"), read_log(tmp_path / "parts")
+    assert [r["step"] for r in parts if "resumed" in r] == [2, 4]
+    assert losses(whole) == pytest.approx(losses(parts), rel=1e-6) and sorted(losses(whole)) == list(range(1, 7))
+    epoch_top1 = lambda log: {r["epoch"]: r["top1"] for r in log if "top1" in r and r["epoch"] in (1.0, 2.0)}
+    assert epoch_top1(whole) == epoch_top1(parts) and len(epoch_top1(whole)) == 2
+    assert_same_head(tmp_path / "whole", tmp_path / "parts")
+    assert whole[-1]["best_top1"] == parts[-1]["best_top1"] == max(epoch_top1(whole).values())
+
+
+def test_cached_features_equal_a_direct_probe_on_center_crops(ours, folder, tmp_path):
+    args = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
+                    "--batch-size", "16", "--epochs", "3", "--head-bn"]
+    lincls.main(args + ["--no-aug", "--output-dir", str(tmp_path / "direct")])
+    lincls.main(args + ["--cached-features", "--output-dir", str(tmp_path / "cached")])
+    direct, cached = read_log(tmp_path / "direct"), read_log(tmp_path / "cached")
+    assert cached[0]["features"] == "cached" and cached[0]["train"] == 48
+    accuracies = lambda log: [(r["epoch"], r["top1"], r["top5"]) for r in log if "top1" in r]
+    assert len(accuracies(direct)) == 3 and accuracies(direct) == pytest.approx(accuracies(cached))
+    assert_same_head(tmp_path / "direct", tmp_path / "cached", atol=1e-5)
