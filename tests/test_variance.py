@@ -1,0 +1,253 @@
+"""variance.py against hand computations: the intra-sample variance (1/d on the sphere, 0 for
+identical views, halved by MeanEnc of 2, the (1 - ||mean||^2)/d formula), the collapse AUC
+(flat, rank one, monotone), the BN batches of each design, checkpoints of every script, every
+design end to end with its outputs, MultiCrop > baseline > MeanEnc:2 on a random ResNet,
+1 process == 2 processes, and one error line for bad input."""
+import argparse
+import csv
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import augment
+import variance
+from conftest import run_in_processes
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread, as the spawned and torchrun tests use: the in-process runs stay fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = ["--framework", "mocov2", "--arch", "resnet18", "--image-size", "32", "--data", "synthetic",
+        "--workers", "0", "--print-freq", "1000"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The variance of r encodings of an image
+# ---------------------------------------------------------------------------------------------
+def test_uniform_encodings_on_the_sphere_give_one_over_d():
+    torch.manual_seed(0)
+    r, n, d = 32, 4000, 128
+    v = variance.intra_sample_variance(torch.randn(r, n, d))  # normalised Gaussians: uniform on the sphere
+    # E||mean of r unit vectors||^2 = 1/r, so the population variance is (1 - 1/r)/d, about 1/d
+    assert v.mean().item() == pytest.approx((1 - 1 / r) / d, rel=0.01)
+    assert v.mean().item() == pytest.approx(1 / d, rel=0.05)
+
+
+def test_identical_views_give_zero():
+    z = torch.randn(1, 5, 16).expand(8, 5, 16) * torch.rand(8, 1, 1).add(0.5)  # same direction, other lengths
+    assert torch.allclose(variance.intra_sample_variance(z), torch.zeros(5), atol=1e-7)
+
+
+def test_formula_is_one_minus_squared_norm_of_the_mean_over_d():
+    torch.manual_seed(0)
+    r, n, d = 5, 3, 7
+    z = torch.randn(r, n, d) * 3 + 1
+    for i in range(n):
+        units = [z[j, i] / z[j, i].norm() for j in range(r)]
+        mean = sum(units) / r
+        by_dims = sum(sum((u[c] - mean[c]) ** 2 for u in units) / r for c in range(d)) / d
+        assert variance.intra_sample_variance(z)[i].item() == pytest.approx(by_dims.item(), rel=1e-5)
+        assert variance.intra_sample_variance(z)[i].item() == pytest.approx((1 - mean.norm() ** 2).item() / d, rel=1e-5)
+
+
+def test_mean_of_two_noisy_encodings_halves_the_variance():
+    """MeanEnc: each encoding the un-normalised mean of 2 i.i.d. noisy ones, through encodings()."""
+    torch.manual_seed(0)
+    r, n, d = 16, 500, 64
+    centre = F.normalize(torch.randn(1, 1, n, d), dim=-1)
+    features = centre + 0.02 * torch.randn(r, 2, n, d)  # r x n x N x D: 2 encodings per view
+    args = argparse.Namespace(features="backbone", amp="off")
+    mean2 = variance.encodings(None, features, torch.device("cpu"), args)  # r x N x D
+    single = variance.encodings(None, features[:, :1], torch.device("cpu"), args)
+    assert torch.allclose(mean2, features.mean(1))
+    ratio = variance.intra_sample_variance(mean2).mean() / variance.intra_sample_variance(single).mean()
+    assert ratio.item() == pytest.approx(0.5, abs=0.03)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dimensional collapse: the spectrum and its AUC
+# ---------------------------------------------------------------------------------------------
+def test_cev_and_auc_by_hand():
+    cev, auc = variance.cumulative_explained_variance(torch.tensor([1.0, 3.0, 2.0]))  # sorted inside
+    assert cev.tolist() == pytest.approx([0.5, 5 / 6, 1.0])
+    assert auc == pytest.approx((0.5 + 5 / 6 + 1.0) / 3)
+
+
+@pytest.mark.parametrize("d", [1, 8, 64])
+def test_flat_spectrum_gives_d_plus_one_over_2d_and_rank_one_gives_one(d):
+    torch.manual_seed(0)
+    x = torch.randn(200, d, dtype=torch.float64)
+    q = torch.linalg.qr(x - x.mean(0)).Q  # centred orthonormal columns: every singular value 1
+    s = variance.singular_values(q * 7)
+    assert torch.allclose(s, torch.full((d,), 7.0, dtype=torch.float64))
+    assert variance.cumulative_explained_variance(s)[1] == pytest.approx((d + 1) / (2 * d))
+    rank_one = torch.randn(200, 1, dtype=torch.float64) @ torch.randn(1, d, dtype=torch.float64)
+    assert variance.cumulative_explained_variance(variance.singular_values(rank_one))[1] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_auc_rises_with_the_decay_of_the_spectrum():
+    k = torch.arange(1, 129, dtype=torch.float64)
+    aucs = [variance.cumulative_explained_variance(k ** -alpha)[1] for alpha in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)]
+    assert aucs[0] == pytest.approx(129 / 256)
+    assert all(a < b for a, b in zip(aucs, aucs[1:])), aucs
+
+
+def test_singular_values_centre_the_columns_and_may_normalise_the_rows():
+    torch.manual_seed(0)
+    x = torch.randn(50, 6)
+    shifted = variance.singular_values(x + torch.arange(6.0) * 100)  # a constant per column is removed
+    assert torch.allclose(shifted, variance.singular_values(x), atol=1e-9)
+    rows = x * torch.rand(50, 1).add(0.1)
+    assert torch.allclose(variance.singular_values(rows, l2=True), variance.singular_values(F.normalize(rows, dim=1)))
+    assert variance.simsiam_std(torch.randn(4096, 64)) == pytest.approx(1.0, abs=0.03)
+    assert variance.simsiam_std(torch.ones(10, 64)) == pytest.approx(0.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# The BN batches of each design, against a hand computation
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("design", ["baseline", "syncbn", "meanenc:2", "multicrop"])
+def test_each_design_by_hand(design):
+    """16 images, B=4, k=2, r=2: the backbone sees B images (N*B for MeanEnc, view-major) per
+    forward; the projector the same, or 2 x B for syncbn."""
+    args = variance.parse_args(TINY + ["--views", "2", "--batch-size", "4", "--syncbn-devices", "2"])
+    args.amp = "off"
+    encoder, args.framework, _ = variance.build_encoder(args, torch.device("cpu"))
+    dataset = augment.dataset("synthetic", "test", None)
+    progress = variance.Progress(1, args)
+    progress.begin(design, 16)
+    got, d = variance.measure(encoder, design, dataset, variance.image_batches(16, args), torch.device("cpu"), progress, args)
+    assert d == 128 and got.shape == (16,)
+
+    kind, n = variance.parse_design(design)
+    views = torch.stack([dataset[i][0] for i in range(16)])  # 16 x (r*n) x 3xSxS, as measure() saw them
+    if kind == "multicrop":
+        assert views.shape[-1] == augment.small_crop_size(32) == 16
+    encoder.train()
+    expected = []
+    with torch.no_grad():
+        for start in range(0, 16, 8):  # SyncBN groups of k*B = 8 images
+            z = []
+            for j in range(2):  # view j of each image
+                x = views[start:start + 8, j * n:(j + 1) * n]  # 8 x n x 3xSxS
+                per_batch = [torch.cat(list(x[b:b + 4].transpose(0, 1))) for b in (0, 4)]  # (n*4) view-major
+                f = [encoder.backbone(xb) for xb in per_batch]
+                if kind == "syncbn":
+                    out = encoder.projector(torch.cat(f)).view(2, 4, -1)
+                else:
+                    out = torch.stack([encoder.projector(fb).view(n, 4, -1).mean(0) for fb in f])
+                z.append(F.normalize(out.reshape(8, -1), dim=1))
+            z = torch.stack(z)  # r x 8 x D
+            expected.append(((z - z.mean(0)) ** 2).mean(0).mean(1))
+    assert torch.allclose(got, torch.cat(expected), rtol=1e-4, atol=1e-8)
+    if kind == "syncbn":  # not vacuous: a batch of 8 differs from two of 4
+        progress.begin("baseline", 16)
+        base, _ = variance.measure(encoder, "baseline", dataset, variance.image_batches(16, args),
+                                   torch.device("cpu"), progress, args)
+        assert not torch.allclose(got, base, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of every script
+# ---------------------------------------------------------------------------------------------
+SMALL = {"mocov2": [], "byol": ["--mlp-dim", "32"], "simsiam": ["--dim", "32", "--proj-dim", "32", "--pred-dim", "8"],
+         "simclr": ["--mlp-dim", "32"], "barlow": ["--projector", "32-32-32"], "mocov3": ["--mlp-dim", "32"]}
+
+
+@pytest.mark.parametrize("framework", list(SMALL))
+def test_checkpoint_of_every_script_is_detected_and_loaded(framework, tmp_path):
+    module = importlib.import_module(f"{framework}_asym")
+    train_args = module.parse_args(["--arch", "resnet18", "--image-size", "48", "--asym-bn"] + SMALL[framework])
+    torch.manual_seed(1)
+    source = module.Encoder(train_args, True) if framework in ("byol", "simsiam", "mocov3") else module.Encoder(train_args)
+    torch.save({"args": vars(train_args), "source": source.state_dict(), "target": {}}, tmp_path / "checkpoint.pth")
+    args = variance.parse_args(["--checkpoint", str(tmp_path)])  # the output dir is enough
+    encoder, detected, model_args = variance.build_encoder(args, torch.device("cpu"))
+    assert detected == framework and model_args.image_size == 48
+    for key, value in source.state_dict().items():
+        assert torch.equal(encoder.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_design_end_to_end_writes_table_csv_and_plots(tmp_path, capsys):
+    variance.main(TINY + ["--num-images", "32", "--views", "2", "--batch-size", "8", "--syncbn-devices", "2",
+                          "--collapse", "--output-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    rows = {row["design"]: row for row in read_csv(tmp_path / "variance.csv")}
+    assert list(rows) == list(variance.DESIGNS)
+    v = {design: float(row["variance"]) for design, row in rows.items()}
+    assert all(0 < value < 1 / 128 for value in v.values()), v
+    assert all(float(rows[d]["ratio_to_baseline"]) == pytest.approx(v[d] / v["baseline"], rel=1e-3) for d in v)
+    per_image = read_csv(tmp_path / "variance_per_image.csv")
+    assert len(per_image) == 32
+    for design in v:  # the table's v is the mean of the per-image variances
+        assert sum(float(row[design]) for row in per_image) / 32 == pytest.approx(v[design], rel=1e-4)
+    table = (tmp_path / "variance.md").read_text()
+    assert "| MultiCrop |" in table and "| MeanEnc(n=2) |" in table and "| 32 | 512 | raw |" in table
+    assert table.splitlines()[0] in printed and "images/s, ETA" in printed
+    spectrum = read_csv(tmp_path / "collapse_spectrum.csv")
+    assert len(spectrum) == 512 and float(spectrum[-1]["cev"]) == pytest.approx(1.0)
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plots skipped: matplotlib is not installed" in printed
+        pytest.skip("matplotlib is not installed: the PNG plots are not drawn (table and CSV checked)")
+    assert (tmp_path / "variance.png").stat().st_size > 0 and (tmp_path / "collapse.png").stat().st_size > 0
+
+
+def test_multicrop_above_baseline_above_meanenc_on_a_random_resnet(tmp_path):
+    """A random ResNet-18 (CIFAR stem) on synthetic: MultiCrop raises the variance (+9% here) and
+    MeanEnc:2 lowers it (-40%), as in the paper; the paired standard error of MultiCrop's rise is 3%."""
+    variance.main(TINY + ["--cifar-stem", "--num-images", "64", "--views", "4", "--batch-size", "16",
+                          "--designs", "multicrop", "meanenc:2", "--output-dir", str(tmp_path)])
+    v = {row["design"]: float(row["variance"]) for row in read_csv(tmp_path / "variance.csv")}
+    assert v["multicrop"] > 1.05 * v["baseline"] and v["baseline"] > 1.5 * v["meanenc:2"], v
+
+
+def test_two_processes_give_the_one_process_numbers(tmp_path):
+    """Groups of k*B images are split over the processes: the same BN batches, the same numbers."""
+    common = TINY + ["--num-images", "16", "--views", "2", "--batch-size", "4", "--syncbn-devices", "2",
+                     "--designs", "syncbn", "meanenc:2"]
+    variance.main(common + ["--output-dir", str(tmp_path / "one")])
+    run_in_processes("variance.py", [common + ["--output-dir", str(tmp_path / "two")]])
+    one, two = read_csv(tmp_path / "one" / "variance_per_image.csv"), read_csv(tmp_path / "two" / "variance_per_image.csv")
+    assert len(one) == len(two) == 16
+    for a, b in zip(one, two):
+        for design in ("baseline", "syncbn", "meanenc:2"):
+            assert float(a[design]) == pytest.approx(float(b[design]), rel=1e-4)
+
+
+def error_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        variance.main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_bad_input_is_one_error_line_before_work(tmp_path, capsys):
+    out = ["--output-dir", str(tmp_path / "out")]
+    assert "a variance needs 2 or more views" in error_line(TINY + ["--views", "1"] + out, capsys)
+    assert "unknown design" in error_line(TINY + ["--designs", "cutmix"] + out, capsys)
+    assert "meanenc:N" in error_line(TINY + ["--designs", "meanenc:0"] + out, capsys)
+    assert "no such directory" in error_line(TINY + ["--data", "/nonexistent/images"] + out, capsys)
+    assert "no such file" in error_line(TINY + ["--checkpoint", str(tmp_path / "missing.pth")] + out, capsys)
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "backbone.pth")
+    assert "not a checkpoint.pth" in error_line(TINY + ["--checkpoint", str(tmp_path / "backbone.pth")] + out, capsys)
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    assert "cannot read it" in error_line(TINY + ["--checkpoint", str(tmp_path / "junk.pth")] + out, capsys)
+    assert "fewer than one --batch-size" in error_line(TINY + ["--num-images", "8", "--batch-size", "16"] + out, capsys)
+    assert "not an architecture" in error_line(TINY + ["--arch", "resnet7"] + out, capsys)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,546 @@
+"""The variance reference of "On the Importance of Asymmetry for Siamese Representation Learning"
+(Wang et al., CVPR 2022, Sec. 3 and 7, Fig. 2), and the partial dimensional collapse AUC of
+Li, Efros and Pathak (2022), for a checkpoint of any of the six *_asym.py scripts.
+
+Method in five lines:
+    a fixed encoder: the checkpoint's source, backbone + projector (--features backbone: pool-5)
+    each validation image -> r views by the design under study (augment.Views, as in training)
+    z_1..z_r = normalize(encoder(views))    BN in train mode: per-batch statistics, as in pretraining
+    v(image) = mean over the d dimensions of the variance over the r encodings = (1 - ||mean z||^2) / d
+    v = mean over images; designs that raise v belong on the source, those that lower it on the target
+
+Designs (--designs, any subset; the baseline is always measured, every ratio is to it):
+    baseline    the framework's default view (its source recipe)
+    multicrop   the MultiCrop small crops (96 px at 224, 16 px at 32): the r views are r small crops
+    scalemix    ScaleMix views              stronger   StrongerAug (+ RandAugment)
+    weaker      WeakerAug (crop + flip)     syncbn     baseline views, projector BN over k batches
+    meanenc:N   MeanEnc: each of the r encodings is the normalised mean of N encodings
+--collapse adds the singular-value spectrum of the backbone features (eval mode and eval views),
+its cumulative explained variance and AUC (0.5 flat ... 1 rank one), and SimSiam's std x sqrt(d).
+
+Examples:
+    python variance.py --checkpoint runs/mocov2_asym --data /path/to/imagenet --collapse   # Fig. 2
+    python variance.py --framework mocov2 --arch resnet18 --image-size 32 --data synthetic \\
+        --num-images 256 --views 8 --batch-size 32 --syncbn-devices 4 --workers 2   # random encoder, CPU
+    torchrun --nproc_per_node=8 variance.py --checkpoint runs/mocov2_asym/checkpoint.pth --data $IMAGENET
+"""
+import argparse
+import csv
+import importlib
+import inspect
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import augment
+
+# =============================================================================================
+# Arguments
+# =============================================================================================
+FRAMEWORKS = ("mocov2", "byol", "simsiam", "simclr", "barlow", "mocov3")  # framework -> <framework>_asym.py
+DESIGNS = ("baseline", "multicrop", "scalemix", "stronger", "weaker", "syncbn", "meanenc:2")
+# the paper's Fig. 2 (x1e-4): MoCo v2 800-epoch baseline source encoder, ResNet-50, ImageNet val, r = 32
+PAPER = {"baseline": 8.5, "multicrop": 38.0, "scalemix": 29.5, "stronger": 19.7, "weaker": 6.9,
+         "syncbn": 8.3, "meanenc:2": 4.2}
+NAMES = {"baseline": "baseline", "multicrop": "MultiCrop", "scalemix": "ScaleMix", "stronger": "StrongerAug",
+         "weaker": "WeakerAug", "syncbn": "SyncBN"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Variance reference (Wang et al. 2022, Fig. 2) and dimensional-collapse AUC",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data (the held-out split: val/ or test/, as the paper's validation images)")
+    g.add_argument("--data", default="synthetic",
+                   help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root with train/ and val/ or test/")
+    g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    g.add_argument("--image-size", type=int, help="standard crop size (default: the checkpoint's, else 224)")
+    g.add_argument("--num-images", type=int, default=0,
+                   help="first N held-out images (0: all); rounded down to a multiple of --batch-size")
+    g.add_argument("--workers", type=int, default=4,
+                   help="data loading processes per process (each holds a batch of B x r views: fewer if memory is short)")
+    g = p.add_argument_group("encoder")
+    g.add_argument("--checkpoint", help="checkpoint.pth of any *_asym.py script, or its output dir (none: a random-init encoder)")
+    g.add_argument("--framework", choices=FRAMEWORKS,
+                   help="which script's encoder and default views (default: detected from the checkpoint, else mocov2)")
+    g.add_argument("--arch", default="resnet50", help="random-init encoder only (a checkpoint brings its own)")
+    g.add_argument("--cifar-stem", action="store_true", help="random-init encoder only: 3x3 stride-1 stem, no max-pool")
+    g.add_argument("--features", choices=["projector", "backbone"], default="projector",
+                   help="encodings: backbone + projector (the paper) or the pool-5 backbone features")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision; auto: bf16 (or fp16 without bf16 support) on CUDA, off on CPU")
+    g = p.add_argument_group("variance reference")
+    g.add_argument("--designs", nargs="+", default=list(DESIGNS), metavar="DESIGN",
+                   help="any of baseline multicrop scalemix stronger weaker syncbn meanenc:N")
+    g.add_argument("--views", type=int, default=32, metavar="R", help="r views per image (the paper: 32)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="B images per BN batch, one view each: one device's batch in pretraining (the paper: 256 on 8 GPUs)")
+    g.add_argument("--syncbn-devices", type=int, default=8,
+                   help="syncbn: the projector BN sees k batches of B at once, as SyncBN over k devices would")
+    g.add_argument("--seed", type=int, default=0, help="seeds the views (per image) and a random-init encoder")
+    g = p.add_argument_group("dimensional collapse")
+    g.add_argument("--collapse", action="store_true", help="also the singular-value spectrum and its AUC (Li et al. 2022)")
+    g.add_argument("--collapse-l2", action="store_true", help="l2-normalise the feature rows before centring (default: raw pool-5)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/variance", help="variance.md, variance.csv, variance_per_image.csv, plots")
+    g.add_argument("--print-freq", type=int, default=10, help="a progress line every N batches")
+    return p.parse_args(argv)
+
+
+def parse_design(name):
+    """'meanenc:3' -> ('meanenc', 3); 'multicrop' -> ('multicrop', 1). Unknown names raise InputError."""
+    kind, _, n = name.partition(":")
+    if kind == "meanenc":
+        if not n.isdigit() or int(n) < 1:
+            raise augment.InputError(f"--designs {name}: write meanenc:N with N >= 1 encodings averaged (e.g. meanenc:2)")
+        return kind, int(n)
+    if kind not in DESIGNS or n:
+        raise augment.InputError(f"--designs {name}: unknown design (baseline, multicrop, scalemix, stronger, weaker, syncbn, meanenc:N)")
+    return kind, 1
+
+
+def design_name(design):
+    kind, n = parse_design(design)
+    return f"MeanEnc(n={n})" if kind == "meanenc" else NAMES[kind]
+
+
+# =============================================================================================
+# Data and views
+# =============================================================================================
+class DesignViews:
+    """Image -> (r*n)x3xSxS: the r views (n per encoding for MeanEnc) of one design, made by
+    augment.Views on the source with the same flags training uses."""
+
+    def __init__(self, design, size, framework, r):
+        kind, n = parse_design(design)
+        self.key = "source_small" if kind == "multicrop" else "source"
+        self.views = augment.Views(
+            size, framework, source_aug=kind if kind in ("stronger", "weaker") else "default",
+            n_source=1 if kind == "multicrop" else r * n, multicrop=r if kind == "multicrop" else 0,
+            multicrop_on="source", scalemix_on="source" if kind == "scalemix" else None)
+
+    def __call__(self, image):
+        return self.views(image)[self.key]
+
+
+def image_batches(n_images, args):
+    """Batches of B consecutive images in groups of k batches (one SyncBN group); process i takes
+    every world-th group, so every design sees the same BN batches on any number of processes."""
+    b, k = args.batch_size, args.syncbn_devices
+    batches = [list(range(start, start + b)) for start in range(0, n_images, b)]
+    groups = [batches[start:start + k] for start in range(0, len(batches), k)]
+    return [batch for group in groups[rank()::world_size()] for batch in group]
+
+
+def loader(dataset, batches, args):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
+                                       pin_memory=torch.cuda.is_available(),
+                                       prefetch_factor=1 if args.workers else None)  # batches of B x r views are large
+
+
+# =============================================================================================
+# Model (the script's own Encoder, loaded from its checkpoint)
+# =============================================================================================
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def script_defaults(framework):
+    module = importlib.import_module(f"{framework}_asym")
+    return module, vars(module.parse_args([]))
+
+
+def detect_framework(stored):
+    """The script whose arguments the checkpoint stores: the closest set of argument names
+    (each script's set differs from the others' by a few flags)."""
+    return min(FRAMEWORKS, key=lambda name: len(set(stored) ^ set(script_defaults(name)[1])))
+
+
+def read_checkpoint(path):
+    """checkpoint.pth (or its output dir) -> its dict; anything else raises InputError."""
+    path = os.path.join(path, "checkpoint.pth") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise augment.InputError(f"--checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise augment.InputError(f"--checkpoint {path}: cannot read it ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    if not isinstance(ckpt, dict) or not {"args", "source"} <= set(ckpt):
+        raise augment.InputError(f"--checkpoint {path}: not a checkpoint.pth of the *_asym.py scripts "
+                                 f"(no 'args' and 'source'; backbone.pth holds the backbone only)")
+    return ckpt
+
+
+def build_encoder(args, device):
+    """The source encoder (its backbone and projector; a predictor, where the script has one, is
+    loaded but not used), from --checkpoint or randomly initialised as the script would at --seed.
+    -> encoder, framework, the script's arguments."""
+    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    framework = args.framework or (detect_framework(ckpt["args"]) if ckpt else "mocov2")
+    module, defaults = script_defaults(framework)
+    if ckpt:
+        model_args = argparse.Namespace(**{**defaults, **ckpt["args"]})
+    else:
+        known = module.RESNETS + list(getattr(module, "VITS", []))
+        if args.arch not in known:
+            raise augment.InputError(f"--arch {args.arch} is not an architecture of {framework}_asym.py ({', '.join(known)})")
+        model_args = argparse.Namespace(**{**defaults, "arch": args.arch, "cifar_stem": args.cifar_stem,
+                                           "image_size": args.image_size or 224})
+    torch.manual_seed(args.seed)
+    with_predictor = "predictor" in inspect.signature(module.Encoder).parameters
+    encoder = module.Encoder(model_args, predictor=True) if with_predictor else module.Encoder(model_args)
+    if ckpt:
+        try:
+            encoder.load_state_dict(ckpt["source"])
+        except RuntimeError as e:
+            raise augment.InputError(f"--checkpoint {args.checkpoint}: its source does not fit {framework}_asym.py's "
+                                     f"encoder ({' '.join(str(e).split())[:200]})") from None
+    # BN runs in train mode below (batch statistics) but must not overwrite the running statistics
+    # the checkpoint holds: --collapse uses them in eval mode
+    for m in encoder.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.0
+    return encoder.to(device).requires_grad_(False), framework, model_args
+
+
+# =============================================================================================
+# Measures
+# =============================================================================================
+def intra_sample_variance(z):
+    """r x N x D encodings of N images (r each) -> N: the variance over the r l2-normalised
+    encodings (population, /r), averaged over the D dimensions = (1 - ||mean||^2) / D."""
+    return F.normalize(z.float(), dim=-1).var(0, unbiased=False).mean(-1)
+
+
+def cumulative_explained_variance(s):
+    """Singular values s_1 >= ... >= s_D (not squared) -> CEV_k = sum_{j<=k} s_j / sum_j s_j (D),
+    and its AUC = mean_k CEV_k: (D+1)/(2D) for a flat spectrum, 1 for rank one."""
+    s = s.double().sort(descending=True).values
+    cev = s.cumsum(0) / s.sum()
+    return cev, cev.mean().item()
+
+
+def singular_values(features, l2=False):
+    """N x D features -> the D singular values (zeros past rank N) of the column-centred matrix."""
+    r = F.normalize(features.double(), dim=1) if l2 else features.double()
+    s = torch.linalg.svdvals(r - r.mean(0))
+    return torch.cat([s, s.new_zeros(r.shape[1] - len(s))])
+
+
+def simsiam_std(z):
+    """Std over images of the l2-normalised rows, averaged over channels, x sqrt(D): about 1 when
+    spread on the sphere, 0 when collapsed (SimSiam's monitor)."""
+    return (F.normalize(z.double(), dim=1).std(0).mean() * math.sqrt(z.shape[1])).item()
+
+
+# =============================================================================================
+# Loop and output
+# =============================================================================================
+def autocast(device, args):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def backbone_features(encoder, views, n, device, args):
+    """B x (r*n) x 3xSxS views of B images -> r x n x B x F pool-5 features. The n views of one
+    MeanEnc encoding go through one forward (n*B, view-major), sharing BN as in pretraining."""
+    b = views.shape[0]
+    views = views.transpose(0, 1).reshape(-1, n * b, *views.shape[2:])  # r x (n*B) x 3xSxS
+    with autocast(device, args):
+        features = [encoder.backbone(x.to(device, non_blocking=True)) for x in views]
+    return torch.stack(features).view(len(views), n, b, -1)
+
+
+@torch.no_grad()
+def encodings(encoder, features, device, args):
+    """r x n x G x F features -> r x G x D encodings: the projector over each view's n*G rows in
+    one batch (G = B, or k*B for syncbn), then the un-normalised mean of the n (MeanEnc)."""
+    r, n, g, _ = features.shape
+    if args.features == "backbone":
+        z = features
+    else:
+        with autocast(device, args):
+            z = torch.stack([encoder.projector(f.flatten(0, 1)) for f in features])  # r x (n*G) x D
+    return z.float().view(r, n, g, -1).mean(1)
+
+
+class Progress:
+    """A line every --print-freq batches: images/s of the design being measured and the ETA of
+    all designs, counting views (MeanEnc:N costs N x r per image) as the work."""
+
+    def __init__(self, total_views, args):
+        self.total, self.done, self.start, self.args = total_views, 0, time.time(), args
+
+    def begin(self, design, n_images):
+        self.design, self.n_images, self.images, self.design_start = design, n_images, 0, time.time()
+
+    def update(self, images, views, batch_index, last):
+        self.images, self.done = self.images + images, self.done + views
+        if rank() != 0 or not (last or (batch_index + 1) % self.args.print_freq == 0):
+            return
+        now = time.time()
+        rate = self.images * world_size() / max(now - self.design_start, 1e-9)
+        done = self.done * world_size()  # every process does about the same share
+        eta = max(self.total - done, 0) * (now - self.start) / done
+        print(f"{self.design}: {self.images * world_size()}/{self.n_images} images, {rate:.1f} images/s, "
+              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+
+@torch.no_grad()
+def measure(encoder, design, dataset, batches, device, progress, args):
+    """Per-image variance of one design over this process's batches -> N_local, and d."""
+    kind, n = parse_design(design)
+    group = args.syncbn_devices if kind == "syncbn" else 1
+    encoder.train()  # BN with per-batch statistics, as in pretraining
+    dataset.transform = DesignViews(design, args.image_size, args.framework, args.views)
+    out, pending = [], []
+    for i, (views, _) in enumerate(loader(dataset, batches, args)):
+        pending.append(backbone_features(encoder, views, n, device, args))
+        last = i == len(batches) - 1
+        # +---------------------------------------------------------------------------------+
+        # | SyncBN on one process: the backbone keeps per-device BN (batches of B), and the  |
+        # | projector normalises k batches at once: the statistics SyncBN over k devices     |
+        # | gives the projector BN. Other designs: projector over each batch of B.           |
+        # +---------------------------------------------------------------------------------+
+        if len(pending) == group or last:  # a group's batches all come in a row (image_batches)
+            z = encodings(encoder, torch.cat(pending, dim=2), device, args)  # r x G x D
+            out.append(intra_sample_variance(z).cpu())
+            pending = []
+        progress.update(len(views), views.shape[0] * views.shape[1], i, last)
+    return torch.cat(out), z.shape[-1]
+
+
+@torch.no_grad()
+def eval_features(encoder, dataset, batches, device, args):
+    """Pool-5 features of this process's images, eval mode and eval views -> N_local x F."""
+    encoder.eval()
+    dataset.transform = augment.eval_transform(args.image_size)
+    out = []
+    for images, _ in loader(dataset, batches, args):
+        with autocast(device, args):
+            out.append(encoder.backbone(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(out)
+
+
+def gather_in_order(x, indices):
+    """This process's rows and their image indices -> every process's rows in image order (rank 0 uses them)."""
+    if world_size() == 1:
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([len(x)], device=device)
+    sizes = [torch.empty_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    n_max = int(max(sizes))
+    rows = torch.zeros(n_max, *x.shape[1:], dtype=x.dtype, device=device)
+    rows[:len(x)] = x.to(device)
+    index = torch.full((n_max,), -1, dtype=torch.long, device=device)
+    index[:len(x)] = torch.as_tensor(indices, device=device)
+    all_rows, all_index = [torch.empty_like(rows) for _ in sizes], [torch.empty_like(index) for _ in sizes]
+    dist.all_gather(all_rows, rows)
+    dist.all_gather(all_index, index)
+    rows, index = torch.cat(all_rows).cpu(), torch.cat(all_index).cpu()
+    return rows[index >= 0][index[index >= 0].argsort()]
+
+
+def pyplot():
+    """matplotlib.pyplot without a display, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        return None
+
+
+def plot_cdfs(per_image, path, plt):
+    """Fig. 2: each design's CDF of per-image variance against the baseline's, means dotted;
+    red where the design raises the mean variance, blue where it lowers it."""
+    designs = [d for d in per_image if d != "baseline"] or ["baseline"]
+    cols = min(3, len(designs))
+    rows = math.ceil(len(designs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    base = per_image["baseline"].numpy() * 1e4
+    for ax, design in zip(axes.flat, designs):
+        v = per_image[design].numpy() * 1e4
+        colour = "tab:red" if v.mean() > base.mean() else "tab:blue"
+        for values, name, c in ((base, "baseline", "grey"), (v, design_name(design), colour))[:1 if design == "baseline" else 2]:
+            ax.plot(np.sort(values), np.arange(1, len(values) + 1) / len(values), color=c, label=f"{name}, mean {values.mean():.1f}")
+            ax.axvline(values.mean(), color=c, linestyle=":")
+        ax.set_xlabel("per-image variance (x1e-4)")
+        ax.set_ylabel("fraction of images")
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in axes.flat[len(designs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_spectrum(s, cev, auc, path, plt):
+    """Normalised singular values (log) and the cumulative explained variance with its AUC."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    k = np.arange(1, len(s) + 1)
+    left.semilogy(k, (s / s[0]).clamp(min=1e-12).numpy())
+    left.set_xlabel("k")
+    left.set_ylabel("s_k / s_1")
+    right.plot(k, cev.numpy(), label=f"AUC {auc:.3f}")
+    right.plot(k, k / len(k), color="grey", linestyle=":", label="flat spectrum")
+    right.set_xlabel("k")
+    right.set_ylabel("cumulative explained variance")
+    right.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(per_image, collapse, d, info, args):
+    """variance.md (printed too), variance.csv, variance_per_image.csv, collapse_spectrum.csv and the plots."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    base = per_image["baseline"].mean().item()
+    lines = [f"Variance reference: {info}. Encodings uniform on the sphere give 1/d = {1e4 / d:.1f}e-4.", "",
+             "| design | v (x1e-4) | v / v_baseline | paper v (x1e-4) | paper v / v_baseline |",
+             "|---|---|---|---|---|"]
+    with open(os.path.join(args.output_dir, "variance.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["design", "variance", "ratio_to_baseline", "images", "views", "dim"])
+        for design, v in per_image.items():
+            mean = v.mean().item()
+            paper = PAPER.get(design)
+            paper_cells = f"{paper:.1f} | {paper / PAPER['baseline']:.2f}" if paper else "- | -"
+            lines.append(f"| {design_name(design)} | {mean * 1e4:.2f} | {mean / base:.2f} | {paper_cells} |")
+            writer.writerow([design, f"{mean:.6e}", f"{mean / base:.4f}", len(v), args.views, d])
+    with open(os.path.join(args.output_dir, "variance_per_image.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image"] + list(per_image))
+        for i, row in enumerate(torch.stack(list(per_image.values()), dim=1).tolist()):
+            writer.writerow([i] + [f"{v:.6e}" for v in row])
+    plt = pyplot()
+    notes = []
+    if plt:
+        plot_cdfs(per_image, os.path.join(args.output_dir, "variance.png"), plt)
+    else:
+        notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
+    if collapse:
+        s, cev, auc, std, n, rows = collapse
+        lines += ["", "Partial dimensional collapse (Li, Efros, Pathak 2022): backbone features, eval mode and eval views.", "",
+                  "| images N | dim D | rows | AUC | std x sqrt(D) |", "|---|---|---|---|---|",
+                  f"| {n} | {len(s)} | {rows} | {auc:.3f} | {std:.3f} |"]
+        with open(os.path.join(args.output_dir, "collapse_spectrum.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["k", "singular_value", "cev"])
+            for k, (sk, ck) in enumerate(zip(s.tolist(), cev.tolist()), 1):
+                writer.writerow([k, f"{sk:.6e}", f"{ck:.6f}"])
+        if plt:
+            plot_spectrum(s, cev, auc, os.path.join(args.output_dir, "collapse.png"), plt)
+    with open(os.path.join(args.output_dir, "variance.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines + [""] + notes), flush=True)
+
+
+def collapse_measures(features, args):
+    """N x F backbone features -> singular values, CEV, AUC, SimSiam std x sqrt(F), N, row treatment."""
+    if len(features) < features.shape[1]:
+        print(f"note: {len(features)} images < {features.shape[1]} dimensions: the spectrum has at most "
+              f"{len(features) - 1} non-zero values, which raises the AUC; use more images", flush=True)
+    s = singular_values(features, args.collapse_l2)
+    cev, auc = cumulative_explained_variance(s)
+    return s, cev, auc, simsiam_std(features), len(features), "l2-normalised" if args.collapse_l2 else "raw"
+
+
+def check_args(args, n_images):
+    """Impossible settings as one clear error, before any work."""
+    problems = []
+    if args.views < 2:
+        problems.append(f"--views {args.views}: a variance needs 2 or more views per image")
+    if args.batch_size < 2:
+        problems.append(f"--batch-size {args.batch_size}: BN in train mode needs 2 or more images per batch")
+    elif n_images < args.batch_size:
+        problems.append(f"{n_images} images is fewer than one --batch-size {args.batch_size}")
+    if args.syncbn_devices < 1:
+        problems.append(f"--syncbn-devices {args.syncbn_devices} must be 1 or more")
+    if args.print_freq < 1:
+        problems.append("--print-freq must be 1 or more")
+    groups = math.ceil(n_images // max(args.batch_size, 1) / max(args.syncbn_devices, 1))
+    if n_images >= args.batch_size >= 2 and groups < world_size():
+        problems.append(f"{groups} groups of --syncbn-devices x --batch-size images for {world_size()} processes: "
+                        f"use more images or fewer processes")
+    if problems:
+        raise augment.InputError("; ".join(problems))
+
+
+def run(args):
+    if "WORLD_SIZE" in os.environ:  # torchrun: env:// rendezvous
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if args.amp == "auto":
+        args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+    designs = list(dict.fromkeys(["baseline"] + [d.lower() for d in args.designs]))  # baseline first, once
+    for design in designs:
+        parse_design(design)
+    encoder, args.framework, model_args = build_encoder(args, device)
+    args.image_size = args.image_size or model_args.image_size
+    dataset = augment.dataset(args.data, "test", None, args.data_root, args.seed, args.skip_bad_images)
+    n_images = min(args.num_images or len(dataset), len(dataset))
+    check_args(args, n_images)
+    n_images -= n_images % args.batch_size
+    batches = image_batches(n_images, args)
+    indices = [i for batch in batches for i in batch]
+    if args.features == "backbone" and "syncbn" in designs and rank() == 0:
+        print("note: --features backbone has no projector BN, so syncbn equals the baseline", flush=True)
+
+    per_image = {}
+    progress = Progress(sum(args.views * parse_design(design)[1] for design in designs) * n_images, args)
+    for design in designs:
+        progress.begin(design, n_images)
+        v, d = measure(encoder, design, dataset, batches, device, progress, args)
+        per_image[design] = gather_in_order(v, indices)
+    features = gather_in_order(eval_features(encoder, dataset, batches, device, args), indices) if args.collapse else None
+    if rank() == 0:
+        collapse = features is not None and collapse_measures(features, args)
+    if rank() == 0:
+        source = f"{args.framework}_asym.py " + (f"checkpoint {args.checkpoint}" if args.checkpoint else
+                                                 f"random-init {model_args.arch} (seed {args.seed})")
+        feature = "backbone + projector" if args.features == "projector" else "pool-5 backbone"
+        info = (f"{source}, source {feature} (d={d}), {n_images} {args.data} held-out images at {args.image_size} px, "
+                f"r={args.views} views, BN batches of {args.batch_size} (syncbn: {args.syncbn_devices} x {args.batch_size})")
+        write_outputs(per_image, collapse, d, info, args)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
+        dist.destroy_process_group()
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except augment.InputError as e:  # from this process or a data worker
+        if rank() == 0:  # a worker's error arrives as its traceback: keep its last line, the message
+            message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
