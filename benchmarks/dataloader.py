@@ -1,0 +1,141 @@
+"""Data-loading throughput of each view recipe: images/s and views/s, per data-loading worker.
+
+Each image is decoded once and all its views are cut from that one decode (augment.Views), so a
+recipe's cost is one decode plus its views' crops and colour operations. Compare a recipe's
+images/s per worker with the training step's images/s (benchmarks/throughput.py) to see whether
+data or compute bounds a design: with W workers per GPU the loader delivers about W x the
+per-worker figure.
+
+    python benchmarks/dataloader.py --data /path/to/imagenet --image-size 224 --workers 0 2 4
+    python benchmarks/dataloader.py --cifar-tar ../shared/data/cifar10-jpg.tar.gz --upscale 256 --images 1000
+
+`--cifar-tar` takes the CIFAR-10 JPEG copy and writes `--images` of its training images,
+upscaled to `--upscale` px (bicubic, JPEG quality 90), to a temporary ImageFolder: 32 px images
+would make decoding unrealistically cheap next to ImageNet's (about 400 x 350 px on average).
+"""
+import argparse
+import os
+import sys
+import tarfile
+import tempfile
+import time
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import augment  # noqa: E402  (after the path)
+
+# name -> augment.Views arguments (MoCo v2's recipe pair unless a framework is named)
+RECIPES = {
+    "decode": None,  # decode and convert only: the floor under every recipe
+    "baseline": dict(),
+    "byol": dict(framework="byol"),
+    "simclr": dict(framework="simclr"),
+    "multicrop": dict(multicrop=6),
+    "scalemix": dict(scalemix_on="source"),
+    "stronger": dict(source_aug="stronger"),
+    "asymaug": dict(source_aug="stronger", target_aug="weaker"),
+    "meanenc": dict(n_target=2),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="views per second per data-loading worker for each recipe",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="an ImageFolder root with train/ (or synthetic)")
+    p.add_argument("--cifar-tar", help="the CIFAR-10 JPEG tarball: a temporary upscaled ImageFolder is made from it")
+    p.add_argument("--upscale", type=int, default=256, help="side of the upscaled CIFAR images")
+    p.add_argument("--images", type=int, default=512, help="images per measurement (and taken from --cifar-tar)")
+    p.add_argument("--image-size", type=int, default=224, help="standard view size")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data-loading processes to try (0: in this process)")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    args = p.parse_args(argv)
+    if bool(args.data) == bool(args.cifar_tar):
+        p.error("give one of --data or --cifar-tar")
+    return args
+
+
+def upscaled_cifar(tar_path, n, side, out):
+    """The first n training JPEGs of the CIFAR-10 tarball, resized to side x side, as out/train/<class>/."""
+    with tarfile.open(tar_path) as tar:
+        count = 0
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or "train" not in parts or not member.name.endswith(".jpg"):
+                continue
+            folder = os.path.join(out, "train", parts[-2])
+            os.makedirs(folder, exist_ok=True)
+            with Image.open(tar.extractfile(member)) as image:
+                image.convert("RGB").resize((side, side), Image.BICUBIC).save(os.path.join(folder, parts[-1]), quality=90)
+            count += 1
+            if count == n:
+                break
+    if count == 0:
+        raise augment.InputError(f"no training JPEGs in {tar_path}")
+    return out
+
+
+def decode_only(image):
+    """No views, only the decoded image (a corner of it, so that images of any size collate)."""
+    return {"decoded": v2.functional.pil_to_tensor(image)[None, :, :32, :32].contiguous()}
+
+
+def measure(data, recipe, workers, args):
+    """-> images/s and views/s over args.images images (the first batch, worker start-up, untimed)."""
+    transform = decode_only if RECIPES[recipe] is None else augment.Views(args.image_size, **RECIPES[recipe])
+    dataset = augment.dataset(data, "train", transform)
+    n = min(args.images, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
+                                         num_workers=workers, collate_fn=augment.collate_views)
+    images = views = 0
+    start = None
+    for batch, labels in loader:
+        if start is None:  # the first batch pays for starting the workers
+            start = time.perf_counter()
+            continue
+        images += len(labels)
+        views += sum(len(v) for v in batch.values()) if RECIPES[recipe] is not None else 0
+    elapsed = time.perf_counter() - start
+    return images / elapsed, views / elapsed
+
+
+def run(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        data = upscaled_cifar(args.cifar_tar, args.images, args.upscale, tmp) if args.cifar_tar else args.data
+        rows = []
+        for recipe in args.recipes:
+            for workers in args.workers:
+                images_per_s, views_per_s = measure(data, recipe, workers, args)
+                rows.append({"recipe": recipe, "workers": workers, "images_per_s": images_per_s,
+                             "views_per_s": views_per_s, "images_per_s_per_worker": images_per_s / max(1, workers)})
+    return rows
+
+
+def print_table(args, rows):
+    source = f"{args.cifar_tar} upscaled to {args.upscale} px" if args.cifar_tar else args.data
+    print(f"{source} | views of {args.image_size} px | {args.images} images, batch {args.batch_size} | "
+          f"{os.cpu_count()} CPUs | torch {torch.__version__}")
+    print("| recipe | workers | images/s | views/s | images/s per worker |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['workers']} | {r['images_per_s']:.0f} | {r['views_per_s']:.0f} | "
+              f"{r['images_per_s_per_worker']:.0f} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        rows = run(args)
+    except augment.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_table(args, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
