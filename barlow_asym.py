@@ -63,6 +63,8 @@ def parse_args(argv=None):
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision; auto: bf16 (or fp16 without bf16 support) on CUDA, off on CPU")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on recent GPUs)")
+    g.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the forward of source and target (backend: inductor if none named); the first steps compile")
     g = p.add_argument_group("Barlow Twins")
     g.add_argument("--projector", default="8192-8192-8192",
                    help="projector widths: Linear+BN+ReLU layers, then a bare Linear; the last width is the encoding dimension D")
@@ -628,6 +630,9 @@ def train(args):
     os.makedirs(args.output_dir, exist_ok=True)
     source, target = build_encoders(args, device)
     source_ddp = nn.parallel.DistributedDataParallel(source) if world_size() > 1 else source
+    source_forward, target_forward = source_ddp, target
+    if args.compile:  # compiled forwards; the weights, optimizer and checkpoints stay those of source and target
+        source_forward, target_forward = (torch.compile(m, backend=args.compile) for m in (source_ddp, target))
     optimizer = make_optimizer(source, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     steps_per_epoch = len(train_set) // args.batch_size
@@ -659,7 +664,7 @@ def train(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr_biases if group["biases"] else lr
             with autocast(device, args):
-                loss, p, z = train_step(source_ddp, target, batch, args)
+                loss, p, z = train_step(source_forward, target_forward, batch, args)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -73,13 +73,16 @@ def build(script, flags, device):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ema = getattr(args, "ema", 0.0)  # the clone frameworks copy (m = 0): the same work
     batch = ready_batch(mod, args, device)
+    source_forward, target_forward = source, target
+    if args.compile:  # as the script's --compile: compiled forwards, the same weights
+        source_forward, target_forward = (torch.compile(m, backend=args.compile) for m in (source, target))
 
     def step():
         with mod.autocast(device, args):
             if queue is None:
-                loss = mod.train_step(source, target, batch, args)[0]
+                loss = mod.train_step(source_forward, target_forward, batch, args)[0]
             else:
-                loss, _, keys = mod.train_step(source, target, queue, batch, args)
+                loss, _, keys = mod.train_step(source_forward, target_forward, queue, batch, args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

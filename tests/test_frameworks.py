@@ -92,6 +92,17 @@ def test_resume_equals_uninterrupted_and_backbone_loads_into_torchvision(script,
     assert torch.equal(net.layer4[1].conv2.weight, ca["source"]["backbone.layer4.1.conv2.weight"])
 
 
+@pytest.mark.parametrize("script", ["mocov2_asym.py"])  # the same lines in every script; a minute each on CPU
+def test_compiled_forward_gives_the_eager_losses(script, tmp_path):
+    """--compile traces source and target (torch's aot_eager backend here: the graph capture of our
+    modules without inductor's code generation, which takes minutes on a CPU) to the same losses."""
+    common = small(script) + ["--max-steps", "2"]
+    module(script).main(common + ["--output-dir", str(tmp_path / "eager")])
+    module(script).main(common + ["--compile", "aot_eager", "--output-dir", str(tmp_path / "compiled")])
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert sorted(eager) == [1, 2] and compiled == pytest.approx(eager, rel=1e-5)
+
+
 def error_line(script, argv, capsys):
     """main(argv) in this process -> its single stderr line; exit status 2 and no traceback."""
     with pytest.raises(SystemExit) as exit_info:
