@@ -41,12 +41,20 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("script", help="one of the six scripts, e.g. byol_asym.py")
     p.add_argument("--compare", nargs="+", default=[""], metavar="FLAGS",
-                   help='configurations to time, each a string of script flags ("" = the base flags alone)')
+                   help='configurations to time, each a string of script flags ("" = the base flags alone); '
+                        'end the list with -- when script flags follow')
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cudnn autotuning, allocator, compile)")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median and the spread (max - min) are reported")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step under FlopCounterMode)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    compare = None
+    if "--compare" in argv:  # its entries start with "--" themselves: take them by hand, up to "--"
+        i = argv.index("--compare")
+        j = argv.index("--", i) if "--" in argv[i:] else len(argv)
+        compare, argv = argv[i + 1:j], argv[:i] + argv[j:]
     args, script_argv = p.parse_known_args(argv)
+    args.compare = compare or args.compare
     args.script_argv = [a for a in script_argv if a != "--"]
     return args
 
