@@ -192,3 +192,24 @@ def test_target_momentum_rises_from_base_to_one_by_a_cosine(script):
     assert tm(50, 100, 0.99) == pytest.approx(0.995)
     assert tm(100, 100, 0.99) == pytest.approx(1.0)
     assert tm(25, 100, 0.99) == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fast_paths_give_the_plain_loss(script):
+    """channels-last: the same loss up to float rounding; bf16 autocast (--amp bf16, also on CPU):
+    within its tolerance. One step from the same weights and views."""
+    mod = module(script)
+
+    def first_loss(*flags):
+        args = mod.parse_args(small(script) + ["--multicrop", "2", "--mean-enc", "2"] + list(flags))
+        source, target = mod.build_encoders(args, torch.device("cpu"))
+        batch = small_batch(script, args)
+        if args.channels_last:
+            batch = {k: v.to(memory_format=torch.channels_last) for k, v in batch.items()}
+        queue = [mod.Queue(args.queue_size, args.dim)] if hasattr(mod, "Queue") else []
+        with mod.autocast(torch.device("cpu"), args):
+            return mod.train_step(source, target, *queue, batch, args)[0].item()
+
+    plain = first_loss("--amp", "off")
+    assert first_loss("--amp", "off", "--channels-last") == pytest.approx(plain, rel=1e-5)
+    assert first_loss("--amp", "bf16") == pytest.approx(plain, rel=3e-2)
