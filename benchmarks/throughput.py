@@ -49,9 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one extra step under FlopCounterMode)")
     argv = list(sys.argv[1:] if argv is None else argv)
     compare = None
-    if "--compare" in argv:  # its entries start with "--" themselves: take them by hand, up to "--"
-        i = argv.index("--compare")
-        j = argv.index("--", i) if "--" in argv[i:] else len(argv)
+    if "--compare" in argv:  # its entries start with "--" themselves: take them by hand, up to
+        i = argv.index("--compare")  # "--" or one of this tool's own options
+        own = {"--", "--steps", "--warmup", "--repeats", "--no-flops"}
+        j = next((k for k in range(i + 1, len(argv)) if argv[k] in own), len(argv))
         compare, argv = argv[i + 1:j], argv[:i] + argv[j:]
     args, script_argv = p.parse_known_args(argv)
     args.compare = compare or args.compare

@@ -20,7 +20,7 @@ QUICK = ["--steps", "1", "--warmup", "1", "--repeats", "2"]
 def test_throughput_counts_what_a_design_adds(capsys):
     """MeanEnc 2 costs exactly one more target forward of the batch: the FLOP difference between
     the two configurations equals the FLOPs of that forward, counted on its own."""
-    rows = throughput.main(["byol_asym.py"] + QUICK + ["--compare", "", "--mean-enc 2", "--"] + TINY)
+    rows = throughput.main(["byol_asym.py", "--compare", "", "--mean-enc 2"] + QUICK + ["--"] + TINY)  # its options end the list
     out = capsys.readouterr().out
     assert "| `(base)` |" in out and "| `--mean-enc 2` |" in out
     base, mean_enc = rows
