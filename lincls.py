@@ -22,7 +22,6 @@ Examples:
     torchrun --nproc_per_node=8 lincls.py --pretrained moco_v2_800ep_pretrain.pth.tar --data $IMAGENET --preset moco
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,17 +31,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from torchvision.transforms import v2
 
 import augment
 import mocov3_asym
+# the same pieces as the pretraining scripts (ResNet, ViT, LARS, collectives): MoCo v3's has them all
+from mocov3_asym import (LARS, RESNETS, autocast, concat_all_gather, log, rank, resnet_backbone, save_atomic,
+                         world_size)
 
 # =============================================================================================
 # Arguments
 # =============================================================================================
-RESNETS = [name for name in torchvision.models.list_models(module=torchvision.models)
-           if name.startswith(("resnet", "resnext", "wide_resnet"))]
 VITS = list(mocov3_asym.VITS)
 # preset -> optimizer, global batch, base lr per 256 images (ResNet, ViT), epochs, schedule
 PRESETS = {
@@ -150,24 +149,6 @@ def eval_loader(dataset, args):
 # =============================================================================================
 # Model: the collectives, the backbone from any checkpoint, the head
 # =============================================================================================
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-@torch.no_grad()
-def concat_all_gather(x):
-    """Local NxC -> (world*N)xC in rank order, no gradient."""
-    if world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
 def mean_over_processes(x):
     """The mean of a tensor over all processes (the identity on one)."""
     if world_size() == 1:
@@ -175,18 +156,6 @@ def mean_over_processes(x):
     x = x.clone()
     dist.all_reduce(x)
     return x / world_size()
-
-
-def resnet_backbone(arch, cifar_stem, zero_init_residual=False):
-    """torchvision ResNet without its fc (-> pooled features) and its feature dimension.
-    zero_init_residual: each block starts as the identity (last BN scale 0), as some frameworks do."""
-    net = torchvision.models.get_model(arch, zero_init_residual=zero_init_residual)
-    if cifar_stem:  # 32 px images: keep the resolution the ImageNet stem would divide by 4
-        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    feature_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, feature_dim
 
 
 # where each layout keeps its backbone: ours (checkpoint.pth "source"), MoCo v1/v2 and the asymmetry
@@ -296,32 +265,6 @@ def make_head(feature_dim, num_classes, head_bn):
 # =============================================================================================
 # Probe: optimizer, schedule, accuracy
 # =============================================================================================
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose step is rescaled per weight tensor by the trust ratio
-    eta * ||w|| / ||g + wd w|| (You et al. 2017). 1-D parameters (biases, BN) get neither
-    weight decay nor the trust ratio, as in BYOL, SimCLR, MoCo v3 and Barlow Twins."""
-
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                update = w.grad
-                if w.ndim > 1:
-                    update = update.add(w, alpha=group["weight_decay"])
-                    w_norm, update_norm = w.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (update_norm > 0),
-                                        group["trust_coefficient"] * w_norm / update_norm, 1.0)
-                    update = update * trust
-                buf = self.state[w].setdefault("momentum_buffer", torch.zeros_like(w))
-                buf.mul_(group["momentum"]).add_(update)
-                w.add_(buf, alpha=-group["lr"])
-
-
 def make_optimizer(head, args):
     if args.optimizer == "lars":
         return LARS(head.parameters(), weight_decay=args.wd)
@@ -333,12 +276,6 @@ def learning_rate(step, total_steps, peak, schedule):
     if schedule == "step":
         return peak * 0.1 ** sum(step >= m * total_steps for m in (0.6, 0.8))
     return peak * 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
-
-
-def autocast(device, args):
-    """Mixed precision of --amp (resolved to bf16 | fp16 | off)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def encode(backbone, images, device, args):
@@ -393,13 +330,6 @@ def accuracy(backbone, head, val_loader, device, args):
 # =============================================================================================
 # Loop and checkpoint
 # =============================================================================================
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path, head, optimizer, steps_per_epoch):
     """Restore the head and optimizer from `path`; -> (step, best top-1). Bad files raise InputError."""
     try:
@@ -421,13 +351,6 @@ def save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1):
         save_atomic({"step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                      "args": vars(args), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                      "best_top1": best_top1}, os.path.join(args.output_dir, "checkpoint.pth"))
-
-
-def log(args, stats):
-    if rank() == 0:
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()), flush=True)
-        with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(stats) + "\n")
 
 
 def check_args(args, train_set, backbone):
