@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw, ImageFilter
 from torchvision.transforms import v2
@@ -75,13 +76,16 @@ class GaussianBlur(torch.nn.Module):
         return torch.from_numpy(np.array(blurred)).permute(2, 0, 1)
 
 
-def view_transform(recipe, size, scale=None, randaugment=False):
+def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False):
     """One augmented view of a uint8 CxHxW image -> normalised float CxSxS.
 
     recipe: a RECIPES name, or "weaker" (WeakerAug: RandomResizedCrop(0.08, 1) + flip only).
     randaugment: StrongerAug = the recipe + RandAugment(2 ops, magnitude 10) after the flip.
     scale: overrides the recipe's crop scale range (MultiCrop: (0.14, 1) and (0.05, 0.14)).
+    device_aug (--gpu-aug): -> (uint8 CxSxS, parameters) for finish_views; see DeviceAugView.
     """
+    if device_aug and not randaugment and recipe != "weaker":
+        return DeviceAugView(recipe, size, scale)
     if recipe == "weaker":
         scale = scale or (0.08, 1.0)
         ops = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
@@ -100,6 +104,8 @@ def view_transform(recipe, size, scale=None, randaugment=False):
         ops.append(v2.RandomHorizontalFlip())
     if randaugment:
         ops.append(v2.RandAugment(num_ops=2, magnitude=10))
+    if device_aug:  # nothing left for the device but float conversion and normalisation
+        return FinishedOnWorker(v2.Compose(ops))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(ops)
 
@@ -132,15 +138,162 @@ def scalemix_box(height, width, lam, center_y, center_x):
     return top, bottom, left, right
 
 
-def scalemix(x1, x2):
-    """x1, x2: CxHxW views of one image -> x1 with a random box (lam ~ U(0,1)) taken from x2."""
-    height, width = x1.shape[-2:]
+def random_scalemix_box(height, width):
+    """scalemix_box with lam ~ U(0,1) and a uniform centre."""
     lam = torch.rand(()).item()
     center_y, center_x = torch.randint(height, ()).item(), torch.randint(width, ()).item()
-    top, bottom, left, right = scalemix_box(height, width, lam, center_y, center_x)
+    return scalemix_box(height, width, lam, center_y, center_x)
+
+
+def scalemix(x1, x2):
+    """x1, x2: CxHxW views of one image -> x1 with a random box (lam ~ U(0,1)) taken from x2."""
+    top, bottom, left, right = random_scalemix_box(*x1.shape[-2:])
     mixed = x1.clone()
     mixed[:, top:bottom, left:right] = x2[:, top:bottom, left:right]
     return mixed
+
+
+# ---------------------------------------------------------------------------------------------
+# --gpu-aug: the photometric half of each view, batched on the device
+# ---------------------------------------------------------------------------------------------
+# A view is geometry (crop, flip: needs the decoded image) then colour (jitter, grayscale, blur,
+# solarize: per pixel or local). With --gpu-aug a data worker does the geometry and draws every
+# random parameter, with the very draws of the CPU recipe, and finish_views applies the colour
+# to the whole batch on the device. The views per image, their seeds and their statistics are
+# the CPU path's; pixel values differ by the CPU path's rounding to uint8 after each operation,
+# and the blur is a 13-tap Gaussian (3 sigma at sigma 2) instead of PIL's box approximation.
+# StrongerAug's RandAugment (after the colour, on PIL-like uint8 images) stays on the worker.
+PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue",
+          "order0", "order1", "order2", "order3", "gray", "sigma", "solarize")
+IDENTITY_PARAMS = (0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0)
+BLUR_TAPS = 13
+
+
+class DeviceAugView:
+    """The worker's half of a recipe view: uint8 image -> (cropped, flipped uint8 CxSxS, the
+    photometric parameters PARAMS as a float tensor), drawing the random numbers in the order and
+    number of view_transform's pipeline (RandomApply and the _RandomApply transforms draw
+    torch.rand(1) against p; ColorJitter draws its order and factors itself)."""
+
+    def __init__(self, recipe, size, scale=None):
+        default_min, jitter, self.blur_p, self.solarize_p = RECIPES[recipe]
+        self.crop = v2.RandomResizedCrop(size, scale=scale or (default_min, 1.0), antialias=True)
+        self.jitter = v2.ColorJitter(*jitter)
+        self.blur_p = self.blur_p if blur_kernel(size) else 0.0  # as view_transform: no blur below 64 px
+        self.flip = v2.RandomHorizontalFlip()
+
+    def __call__(self, image):
+        view = self.crop(image)
+        p = dict(zip(PARAMS, IDENTITY_PARAMS))
+        if torch.rand(1) < 0.8:
+            jitter = self.jitter.make_params([])
+            p.update(jitter=1.0, brightness=jitter["brightness_factor"], contrast=jitter["contrast_factor"],
+                     saturation=jitter["saturation_factor"], hue=jitter["hue_factor"],
+                     **{f"order{i}": float(op) for i, op in enumerate(jitter["fn_idx"])})
+        p["gray"] = float(torch.rand(1) < 0.2)
+        if self.blur_p > 0 and torch.rand(1) < self.blur_p:
+            p["sigma"] = torch.empty(1).uniform_(0.1, 2.0).item()  # GaussianBlur's draw
+        if self.solarize_p > 0:
+            p["solarize"] = float(torch.rand(1) < self.solarize_p)
+        return self.flip(view), torch.tensor([p[name] for name in PARAMS])
+
+
+class FinishedOnWorker:
+    """A view the worker finishes itself (WeakerAug, StrongerAug) -> (uint8 view, identity parameters)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), torch.tensor(IDENTITY_PARAMS)
+
+
+def grayscale(x):
+    """Nx3xHxW -> Nx1xHxW luma (ITU-R 601-2, as torchvision)."""
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def blend(x, y, ratio):
+    """ratio x + (1 - ratio) y, clamped to [0, 1]; ratio: one factor per image (N)."""
+    ratio = ratio.view(-1, 1, 1, 1)
+    return (ratio * x + (1 - ratio) * y).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Turn each image's hue by its shift (N, a fraction of the colour circle) through HSV."""
+    r, g, b = x.unbind(1)
+    value, low = x.amax(1), x.amin(1)
+    chroma = value - low
+    saturation = torch.where(value > 0, chroma / value.clamp(min=1e-12), 0.0)
+    c = chroma.clamp(min=1e-12)
+    hue = torch.where(value == r, (g - b) / c, torch.where(value == g, 2 + (b - r) / c, 4 + (r - g) / c))
+    hue = (torch.where(chroma > 0, hue, 0.0) / 6 + shift.view(-1, 1, 1)) % 1.0
+    # back to RGB: channel = value - value * saturation * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6, n = 5, 3, 1
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def gaussian_blur(x, sigma):
+    """Nx3xHxW, sigma N -> each image blurred by its own separable BLUR_TAPS-tap Gaussian (reflect
+    padding, as torchvision's gaussian_blur); one grouped convolution per axis for the whole batch."""
+    n, c, h, w = x.shape
+    t = torch.arange(BLUR_TAPS, device=x.device, dtype=x.dtype) - BLUR_TAPS // 2
+    kernel = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6).unsqueeze(1)) ** 2)  # N x taps
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C) x taps: one per channel
+    y = F.pad(x.reshape(1, n * c, h, w), [BLUR_TAPS // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, BLUR_TAPS), groups=n * c)  # along rows
+    y = F.conv2d(y, kernel.view(n * c, 1, BLUR_TAPS, 1), groups=n * c)  # along columns
+    return y.view(n, c, h, w)
+
+
+def photometric(x, params):
+    """Nx3xHxW floats in [0, 1] and NxP parameters (PARAMS) -> the views after ColorJitter (its four
+    operations in each image's own order), RandomGrayscale, GaussianBlur and RandomSolarize.
+    Every operation runs on the whole batch and is kept where its image drew it (torch.where):
+    no data-dependent shapes, so no host-device synchronisation."""
+    p = dict(zip(PARAMS, params.to(x.dtype).unbind(1)))
+    selected = {name: (p[name] > 0).view(-1, 1, 1, 1) for name in ("jitter", "gray", "sigma", "solarize")}
+    operations = (lambda x: blend(x, 0.0, p["brightness"]),
+                  lambda x: blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), p["contrast"]),
+                  lambda x: blend(x, grayscale(x), p["saturation"]),
+                  lambda x: adjust_hue(x, p["hue"]))
+    for position in range(4):
+        for op, operation in enumerate(operations):
+            chosen = selected["jitter"] & (p[f"order{position}"] == op).view(-1, 1, 1, 1)
+            x = torch.where(chosen, operation(x), x)
+    x = torch.where(selected["gray"], grayscale(x).expand_as(x), x)
+    if blur_kernel(x.shape[-1]):  # the recipes blur views of 64 px or more
+        x = torch.where(selected["sigma"], gaussian_blur(x, p["sigma"]), x)
+    return torch.where(selected["solarize"] & (x >= 128 / 255), 1 - x, x)
+
+
+def paste_boxes(x1, x2, boxes):
+    """ScaleMix on a batch: NxCxHxW views x1, x2 and N boxes (top, bottom, left, right) -> x1 with
+    each box taken from x2 (scalemix, batched)."""
+    rows = torch.arange(x1.shape[-2], device=x1.device).view(1, -1, 1)
+    cols = torch.arange(x1.shape[-1], device=x1.device).view(1, 1, -1)
+    top, bottom, left, right = (b.view(-1, 1, 1) for b in boxes.unbind(1))
+    inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+    return torch.where(inside.unsqueeze(1), x2, x1)
+
+
+def finish_views(batch):
+    """The device's half of --gpu-aug: uint8 views -> photometric (with the workers' parameters),
+    float, ImageNet normalisation, ScaleMix's boxes. Views that arrive finished (float: no
+    --gpu-aug) pass through unchanged, so the training loop calls this either way."""
+    finished = {}
+    for kind, x in batch.items():
+        if kind.endswith(("_params", "_box")):
+            continue
+        if x.dtype == torch.uint8:
+            x = photometric(x.float() * (1 / 255), batch[kind + "_params"])
+            mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+            x = (x - mean) / std
+            if kind + "_box" in batch:  # ScaleMix views: the first halves get boxes of the second
+                x = paste_boxes(*x.chunk(2), batch[kind + "_box"])
+        finished[kind] = x
+    return finished
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,12 +310,16 @@ class Views:
     scalemix_on: None | "source" | "target" | "both": those standard views are ScaleMix views.
     crop_min: the recipes' RandomResizedCrop min scale for the standard views, where it differs
     (MoCo v3's ResNet: 0.2); WeakerAug and MultiCrop keep their own.
+    device_aug (--gpu-aug): views stay uint8 before their colour operations, and each kind k comes
+    with "k_params" (the parameters, PARAMS) and, for ScaleMix, both views of each pair and "k_box";
+    finish_views completes them on the device.
     """
 
     def __init__(self, size, framework="mocov2", source_aug="default", target_aug="default",
-                 n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None, crop_min=None):
+                 n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None, crop_min=None,
+                 device_aug=False):
         self.n_source, self.n_target, self.scalemix_on = n_source, n_target, scalemix_on
-        self.multicrop, self.multicrop_on = multicrop, multicrop_on
+        self.multicrop, self.multicrop_on, self.device_aug = multicrop, multicrop_on, device_aug
         recipes = FRAMEWORK_RECIPES[framework]
         self.transforms = {}
         for encoder, aug, recipe in (("source", source_aug, recipes[0]), ("target", target_aug, recipes[1])):
@@ -173,24 +330,35 @@ class Views:
                 standard_scale = (MULTICROP_SCALE[1], 1.0)
             elif crop_min and recipe != "weaker":
                 standard_scale = (crop_min, 1.0)
-            self.transforms[encoder] = view_transform(recipe, size, standard_scale, stronger)
+            self.transforms[encoder] = view_transform(recipe, size, standard_scale, stronger, device_aug)
             self.transforms[encoder + "_small"] = view_transform(
-                recipe, small_crop_size(size), MULTICROP_SCALE, stronger)
+                recipe, small_crop_size(size), MULTICROP_SCALE, stronger, device_aug)
 
-    def _standard(self, encoder, image, n):
-        t = self.transforms[encoder]
-        if self.scalemix_on in (encoder, "both"):
-            return torch.stack([scalemix(t(image), t(image)) for _ in range(n)])
-        return torch.stack([t(image) for _ in range(n)])
+    def _views(self, kind, image, n):
+        """n views of one kind -> {kind: n x 3xSxS} (and, with device_aug, {kind + "_params": n x P})."""
+        t = self.transforms[kind]
+        mix = kind in ("source", "target") and self.scalemix_on in (kind, "both")
+        if not self.device_aug:
+            return {kind: torch.stack([scalemix(t(image), t(image)) if mix else t(image) for _ in range(n)])}
+        views, params, boxes = [[], []], [[], []], []
+        for _ in range(n):  # the draws of the CPU path, in its order: view 1, view 2, then the box
+            for pair in range(1 + mix):
+                view, p = t(image)
+                views[pair].append(view)
+                params[pair].append(p)
+            if mix:
+                boxes.append(torch.tensor(random_scalemix_box(*views[0][-1].shape[-2:])))
+        out = {kind: torch.stack(views[0] + views[1]), kind + "_params": torch.stack(params[0] + params[1])}
+        if mix:  # all first views, then all second views: finish_views pastes boxes from the second half
+            out[kind + "_box"] = torch.stack(boxes)
+        return out
 
     def __call__(self, image):
         image = v2.functional.pil_to_tensor(image) if isinstance(image, Image.Image) else image
-        views = {"source": self._standard("source", image, self.n_source),
-                 "target": self._standard("target", image, self.n_target)}
+        views = {**self._views("source", image, self.n_source), **self._views("target", image, self.n_target)}
         for encoder in ("source", "target"):
             if self.multicrop and self.multicrop_on in (encoder, "both"):
-                t = self.transforms[encoder + "_small"]
-                views[encoder + "_small"] = torch.stack([t(image) for _ in range(self.multicrop)])
+                views.update(self._views(encoder + "_small", image, self.multicrop))
         return views
 
 

@@ -50,7 +50,10 @@ def parse_args(argv=None):
     g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
     g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
     g.add_argument("--image-size", type=int, default=224, help="standard crop size (32 for CIFAR; MultiCrop crops scale with it)")
-    g.add_argument("--workers", type=int, default=8, help="data loading processes per process")
+    g.add_argument("--workers", type=int, default=-1,
+                   help="data loading processes per process (-1: this node's CPUs over its processes, at most 16)")
+    g.add_argument("--gpu-aug", action="store_true",
+                   help="colour operations and normalisation batched on the device; workers only crop and flip (data-bound GPU runs: MultiCrop)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help="any torchvision ResNet: " + ", ".join(RESNETS))
     g.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 first conv and no max-pool, for 32 px images")
@@ -101,6 +104,9 @@ def parse_args(argv=None):
     g.add_argument("--knn-k", type=int, default=200, help="kNN neighbours")
     g.add_argument("--knn-t", type=float, default=0.1, help="kNN temperature (0.07 on ImageNet)")
     args = p.parse_args(argv)
+    if args.workers < 0:  # the CPUs this process may use, shared with the other processes on its node
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.workers = min(16, max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     # resolve the designs' placements into plain values (the checkpoint stores them)
     if args.multicrop_on and not args.multicrop:
         args.multicrop = 6
@@ -118,7 +124,8 @@ def parse_args(argv=None):
 def make_views(args):
     return augment.Views(args.image_size, "simclr", args.source_aug, args.target_aug,
                          n_source=args.mean_enc_source, n_target=args.mean_enc,
-                         multicrop=args.multicrop, multicrop_on=args.multicrop_on, scalemix_on=args.scalemix_on)
+                         multicrop=args.multicrop, multicrop_on=args.multicrop_on, scalemix_on=args.scalemix_on,
+                         device_aug=args.gpu_aug)
 
 
 def make_datasets(args):
@@ -659,6 +666,7 @@ def train(args):
         tick = time.time()
         for batch, _ in train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = augment.finish_views(batch)  # --gpu-aug: the views' colour operations, here on the device
             if args.channels_last:
                 batch = {k: v.to(memory_format=torch.channels_last) for k, v in batch.items()}
             data_time += time.time() - tick

@@ -9,6 +9,10 @@ per-worker figure.
     python benchmarks/dataloader.py --data /path/to/imagenet --image-size 224 --workers 0 2 4
     python benchmarks/dataloader.py --cifar-tar ../shared/data/cifar10-jpg.tar.gz --upscale 256 --images 1000
 
+`--gpu-aug` measures the workers' half of each view under --gpu-aug (decode, crop, flip, drawing the
+colour parameters) and, separately, the device's half (augment.finish_views on the last batch, on
+the GPU if there is one): the two together are what a training run with --gpu-aug pays.
+
 `--cifar-tar` takes the CIFAR-10 JPEG copy and writes `--images` of its training images,
 upscaled to `--upscale` px (bicubic, JPEG quality 90), to a temporary ImageFolder: 32 px images
 would make decoding unrealistically cheap next to ImageNet's (about 400 x 350 px on average).
@@ -53,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data-loading processes to try (0: in this process)")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--gpu-aug", action="store_true", help="the workers' half of --gpu-aug, and the device's half timed apart")
     args = p.parse_args(argv)
     if bool(args.data) == bool(args.cifar_tar):
         p.error("give one of --data or --cifar-tar")
@@ -84,9 +89,31 @@ def decode_only(image):
     return {"decoded": v2.functional.pil_to_tensor(image)[None, :, :32, :32].contiguous()}
 
 
+def count_views(batch):
+    """The views a training step receives: ScaleMix sends both views of a pair under --gpu-aug."""
+    return sum(len(v) // (2 if kind + "_box" in batch else 1) for kind, v in batch.items()
+               if not kind.endswith(("_params", "_box")))
+
+
+def time_device_half(batch, images, repeats=5):
+    """--gpu-aug: images/s of augment.finish_views on one batch of `images`, on the GPU if there is one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    augment.finish_views(batch)  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        augment.finish_views(batch)
+    sync()
+    return repeats * images / (time.perf_counter() - start)
+
+
 def measure(data, recipe, workers, args):
-    """-> images/s and views/s over args.images images (the first batch, worker start-up, untimed)."""
-    transform = decode_only if RECIPES[recipe] is None else augment.Views(args.image_size, **RECIPES[recipe])
+    """-> images/s and views/s over args.images images (the first batch, worker start-up, untimed),
+    and with --gpu-aug the device half's images/s (else None)."""
+    transform = (decode_only if RECIPES[recipe] is None
+                 else augment.Views(args.image_size, device_aug=args.gpu_aug, **RECIPES[recipe]))
     dataset = augment.dataset(data, "train", transform)
     n = min(args.images, len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=args.batch_size,
@@ -98,20 +125,23 @@ def measure(data, recipe, workers, args):
             start = time.perf_counter()
             continue
         images += len(labels)
-        views += sum(len(v) for v in batch.values()) if RECIPES[recipe] is not None else 0
+        views += count_views(batch) if RECIPES[recipe] is not None else 0
     elapsed = time.perf_counter() - start
-    return images / elapsed, views / elapsed
+    device_half = time_device_half(batch, len(labels)) if args.gpu_aug and RECIPES[recipe] is not None else None
+    return images / elapsed, views / elapsed, device_half
 
 
 def run(args):
     with tempfile.TemporaryDirectory() as tmp:
         data = upscaled_cifar(args.cifar_tar, args.images, args.upscale, tmp) if args.cifar_tar else args.data
         rows = []
+        measure(data, "decode", 0, args)  # untimed: the first pass over the files pays for caches and lazy set-up
         for recipe in args.recipes:
             for workers in args.workers:
-                images_per_s, views_per_s = measure(data, recipe, workers, args)
+                images_per_s, views_per_s, device_half = measure(data, recipe, workers, args)
                 rows.append({"recipe": recipe, "workers": workers, "images_per_s": images_per_s,
-                             "views_per_s": views_per_s, "images_per_s_per_worker": images_per_s / max(1, workers)})
+                             "views_per_s": views_per_s, "images_per_s_per_worker": images_per_s / max(1, workers),
+                             "device_half_images_per_s": device_half})
     return rows
 
 
@@ -119,11 +149,16 @@ def print_table(args, rows):
     source = f"{args.cifar_tar} upscaled to {args.upscale} px" if args.cifar_tar else args.data
     print(f"{source} | views of {args.image_size} px | {args.images} images, batch {args.batch_size} | "
           f"{os.cpu_count()} CPUs | torch {torch.__version__}")
-    print("| recipe | workers | images/s | views/s | images/s per worker |")
-    print("|---|---|---|---|---|")
+    device = ("cuda: " + torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
+    extra = f" device half images/s ({device}) |" if args.gpu_aug else ""
+    print(f"| recipe{' (--gpu-aug: workers half)' if args.gpu_aug else ''} | workers | images/s | views/s | "
+          f"images/s per worker |{extra}")
+    print("|---|---|---|---|---|" + ("---|" if args.gpu_aug else ""))
     for r in rows:
+        half = r["device_half_images_per_s"]
+        extra = (f" {half:.0f} |" if half is not None else " - |") if args.gpu_aug else ""
         print(f"| {r['recipe']} | {r['workers']} | {r['images_per_s']:.0f} | {r['views_per_s']:.0f} | "
-              f"{r['images_per_s_per_worker']:.0f} |")
+              f"{r['images_per_s_per_worker']:.0f} |{extra}")
 
 
 def main(argv=None):

@@ -1,7 +1,8 @@
 """Training-step throughput of any *_asym.py script, design by design.
 
 Times the training step alone: forward of source and target, loss, backward, optimizer step and
-target update (and MoCo v2's enqueue), on ready tensors already on the device, after warm-up;
+target update (and MoCo v2's enqueue; with --gpu-aug, also the views' colour operations, which
+then belong to the step), on ready tensors already on the device, after warm-up;
 several repeats, median and spread. Reports images/s, step time, peak memory, and the achieved
 FLOP/s (torch.utils.flop_counter) with its share of the device's peak where the peak is known.
 --compare runs several configurations in one process and prints ratios to the first: on a
@@ -61,11 +62,11 @@ def parse_args(argv=None):
 
 
 def ready_batch(mod, args, device):
-    """One global batch of views from `synthetic`, built once and moved to the device."""
+    """One global batch of views from `synthetic`, built once and moved to the device (uint8 views
+    and their parameters under --gpu-aug, as the data workers deliver them)."""
     data = augment.dataset("synthetic", "train", mod.make_views(args), seed=args.seed)
     batch, _ = augment.collate_views([data[i % len(data)] for i in range(args.batch_size)])
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    return {k: v.to(device).contiguous(memory_format=memory_format) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def build(script, flags, device):
@@ -87,11 +88,14 @@ def build(script, flags, device):
         source_forward, target_forward = (torch.compile(m, backend=args.compile) for m in (source, target))
 
     def step():
+        views = augment.finish_views(batch)  # the identity without --gpu-aug
+        if args.channels_last:
+            views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
         with mod.autocast(device, args):
             if queue is None:
-                loss = mod.train_step(source_forward, target_forward, batch, args)[0]
+                loss = mod.train_step(source_forward, target_forward, views, args)[0]
             else:
-                loss, _, keys = mod.train_step(source_forward, target_forward, queue, batch, args)
+                loss, _, keys = mod.train_step(source_forward, target_forward, queue, views, args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

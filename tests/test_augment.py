@@ -1,5 +1,5 @@
 """augment.py: ScaleMix geometry and provenance, MultiCrop and MeanEnc views, AsymAug recipes,
-collate order, per-sample seeding, image decoding and data-set errors."""
+collate order, per-sample seeding, image decoding and data-set errors, and --gpu-aug's device half."""
 import math
 import os
 
@@ -84,7 +84,7 @@ def test_scalemix_placement(image):
 
     def standard(views, encoder, seed):
         torch.manual_seed(seed)
-        return views._standard(encoder, tensor, 1)
+        return views._views(encoder, tensor, 1)[encoder]
     # the source view is a different (mixed) view, the target view is the plain one
     assert not torch.equal(standard(scalemixed, "source", 1), standard(plain, "source", 1))
     assert torch.equal(standard(scalemixed, "target", 1), standard(plain, "target", 1))
@@ -241,3 +241,88 @@ def test_torchvision_set_without_network_says_where_to_put_it(tmp_path, monkeypa
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     with pytest.raises(augment.InputError, match=f"cifar10 is not in {tmp_path}"):
         augment.base_dataset("cifar10", "train", str(tmp_path))
+
+
+# ---- --gpu-aug: the colour half of the views on the device -----------------------------------
+def random_params(n, generator):
+    """n parameter rows (augment.PARAMS) with every operation on some images and off on others."""
+    rows = []
+    for i in range(n):
+        u = torch.rand(4, generator=generator)
+        rows.append([float(i % 4 != 0), 0.6 + 0.8 * u[0].item(), 0.6 + 0.8 * u[1].item(), 0.6 + 0.8 * u[2].item(),
+                     0.2 * u[3].item() - 0.1, *torch.randperm(4, generator=generator).tolist(),
+                     float(i % 3 == 0), 0.1 + 1.9 * u[0].item() if i % 2 else 0.0, float(i % 5 == 0)])
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_photometric_is_torchvision_image_by_image(size):
+    """The batched colour operations, each image with its own factors and jitter order, equal
+    torchvision's functional ops applied to that image alone (13-tap blur from 64 px up)."""
+    from torchvision.transforms.v2 import functional as TF
+    g = torch.Generator().manual_seed(size)
+    x, params = torch.rand(16, 3, size, size, generator=g), random_params(16, g)
+    got = augment.photometric(x, params)
+    for image, row, result in zip(x, params, got):
+        p = dict(zip(augment.PARAMS, row.tolist()))
+        jitter = {0: lambda y: TF.adjust_brightness(y, p["brightness"]), 1: lambda y: TF.adjust_contrast(y, p["contrast"]),
+                  2: lambda y: TF.adjust_saturation(y, p["saturation"]), 3: lambda y: TF.adjust_hue(y, p["hue"])}
+        for position in range(4 if p["jitter"] else 0):
+            image = jitter[int(p[f"order{position}"])](image)
+        if p["gray"]:
+            image = TF.rgb_to_grayscale(image, num_output_channels=3)
+        if p["sigma"] and size >= 64:
+            image = TF.gaussian_blur(image, [augment.BLUR_TAPS] * 2, [p["sigma"]] * 2)
+        if p["solarize"]:
+            image = TF.solarize(image, 128 / 255)
+        torch.testing.assert_close(result, image, atol=1e-5, rtol=0)
+
+
+GPU_AUG_CASES = {
+    "mocov2 32 px": (32, {}),
+    "byol 64 px (blur, solarize)": (64, dict(framework="byol")),
+    "simclr 64 px": (64, dict(framework="simclr")),
+    "scalemix, multicrop, meanenc": (64, dict(scalemix_on="both", multicrop=2, n_target=2)),
+    "asymaug": (64, dict(source_aug="stronger", target_aug="weaker", multicrop=2, multicrop_on="both")),
+}
+
+
+@pytest.mark.parametrize("case", GPU_AUG_CASES)
+def test_gpu_aug_views_are_the_cpu_views(case):
+    """Same seeds -> the same crops, flips, parameters and ScaleMix boxes as the CPU path. Views
+    finished on the worker (WeakerAug, StrongerAug) are equal; colour on the device differs only by
+    the CPU path's rounding to uint8 after each operation (its truncation makes it about one grey
+    level darker) and PIL's box-approximated blur."""
+    size, kwargs = GPU_AUG_CASES[case]
+    cpu = augment.dataset("synthetic", "train", augment.Views(size, **kwargs), seed=3)
+    dev = augment.dataset("synthetic", "train", augment.Views(size, device_aug=True, **kwargs), seed=3)
+    plain, _ = augment.collate_views([cpu[i] for i in range(32)])
+    worker, _ = augment.collate_views([dev[i] for i in range(32)])
+    assert all(v.dtype == torch.uint8 for k, v in worker.items() if not k.endswith(("_params", "_box")))
+    finished = augment.finish_views(worker)
+    assert {k: v.shape for k, v in finished.items()} == {k: v.shape for k, v in plain.items()}
+    std = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
+    for kind, x in plain.items():
+        levels = (finished[kind] - x) * std * 255  # grey levels
+        if (kind.startswith("source") and kwargs.get("source_aug")) or (kind.startswith("target") and kwargs.get("target_aug")):
+            torch.testing.assert_close(finished[kind], x, atol=1e-5, rtol=0)
+        else:
+            assert levels.abs().mean() < 2 and abs(levels.mean()) < 1.5, kind
+            assert levels.abs().flatten().quantile(0.99) < 8, kind
+            assert (finished[kind] * std).std() == pytest.approx((x * std).std(), rel=0.01)
+
+
+def test_finish_views_passes_finished_views_through():
+    batch = {"source": torch.randn(4, 3, 8, 8), "target": torch.randn(4, 3, 8, 8)}
+    finished = augment.finish_views(batch)
+    assert finished.keys() == batch.keys() and all(finished[k] is v for k, v in batch.items())
+
+
+def test_paste_boxes_is_scalemix_image_by_image():
+    x1, x2 = torch.rand(5, 3, 12, 20), torch.rand(5, 3, 12, 20)
+    boxes = torch.tensor([[0, 12, 0, 20], [2, 7, 3, 15], [0, 0, 0, 0], [5, 12, 10, 20], [11, 12, 0, 1]])
+    mixed = augment.paste_boxes(x1, x2, boxes)
+    for a, b, (top, bottom, left, right), m in zip(x1, x2, boxes.tolist(), mixed):
+        expected = a.clone()
+        expected[:, top:bottom, left:right] = b[:, top:bottom, left:right]
+        assert torch.equal(m, expected)

@@ -42,12 +42,16 @@ def test_throughput_runs_the_queue_framework_and_reports_bad_flags(capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_dataloader_counts_every_view_of_each_recipe(folder):
-    """Views per image: 2 (source + target), 3 with MeanEnc 2, 8 with MultiCrop's 6 small crops."""
+@pytest.mark.parametrize("gpu_aug", [[], ["--gpu-aug"]])
+def test_dataloader_counts_every_view_of_each_recipe(folder, gpu_aug):
+    """Views per image: 2 (source + target), 3 with MeanEnc 2, 8 with MultiCrop's 6 small crops,
+    2 with ScaleMix (whose pairs travel as two views under --gpu-aug and make one)."""
     rows = dataloader.main(["--data", folder, "--images", "24", "--batch-size", "8", "--image-size", "32",
-                            "--workers", "0", "--recipes", "decode", "baseline", "meanenc", "multicrop"])
+                            "--workers", "0", "--recipes", "decode", "baseline", "meanenc", "multicrop", "scalemix"]
+                           + gpu_aug)
     per_image = {r["recipe"]: r["views_per_s"] / r["images_per_s"] for r in rows}
-    assert per_image == pytest.approx({"decode": 0, "baseline": 2, "meanenc": 3, "multicrop": 8})
+    assert per_image == pytest.approx({"decode": 0, "baseline": 2, "meanenc": 3, "multicrop": 8, "scalemix": 2})
+    assert all((r["device_half_images_per_s"] is not None) == (bool(gpu_aug) and r["recipe"] != "decode") for r in rows)
 
 
 def test_dataloader_upscales_the_cifar_copy(tmp_path):

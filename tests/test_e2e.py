@@ -26,8 +26,9 @@ def test_real_torchrun_with_sym_enqueues_both_keys(tmp_path):
 
 def test_resume_equals_uninterrupted(folder, tmp_path):
     """3 steps an epoch; stop mid-epoch (2), at an epoch's end (3) and resume: the same losses
-    and weights as one run, also with another number of data workers."""
-    common = FAST + ["--data", folder, "--epochs", "3", "--mean-enc", "2", "--scalemix", "--bn-splits", "2"]
+    and weights as one run, also with another number of data workers (which draw --gpu-aug's
+    colour parameters)."""
+    common = FAST + ["--data", folder, "--epochs", "3", "--mean-enc", "2", "--scalemix", "--bn-splits", "2", "--gpu-aug"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_script(SCRIPT, common + ["--max-steps", "7", "--output-dir", str(whole)])
     for stop in ("2", "3", "7"):

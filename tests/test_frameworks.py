@@ -35,6 +35,7 @@ DESIGNS = {
     "all": ["--multicrop", "2", "--scalemix", "--asym-aug", "--asym-bn", "--mean-enc", "2", "--bn-splits", "2"],
 }
 EXTRA_DESIGNS = {  # what a script adds to the common designs
+    "mocov2_asym.py": {"gpu-aug": ["--gpu-aug", "--multicrop", "2", "--scalemix", "--mean-enc", "2"]},
     "byol_asym.py": {"global-bn": ["--global-bn"]},
     "mocov3_asym.py": {"global-bn": ["--global-bn"],
                        "vit": ["--arch", "vit_small", "--patch-size", "8", "--multicrop", "2", "--mean-enc", "2"]},
@@ -156,6 +157,11 @@ def test_lars_step_by_hand(script):
     trust2 = 0.01 * w_before.norm() / update2.norm()
     expected = w_before - 0.5 * (0.9 * trust * torch.tensor([update]) + trust2 * update2)
     assert torch.allclose(w.detach(), expected, atol=1e-6)
+    zero = torch.zeros(2, 2, requires_grad=True)  # ||w|| = 0: trust ratio 1, a plain momentum step
+    optimizer = module(script).LARS([zero], lr=0.5, weight_decay=0.1, momentum=0.9, trust_coefficient=0.01)
+    zero.grad = torch.ones(2, 2)
+    optimizer.step()
+    assert torch.equal(zero.detach(), torch.full((2, 2), -0.5))
 
 
 def small_batch(script, args):
@@ -197,13 +203,14 @@ def test_target_momentum_rises_from_base_to_one_by_a_cosine(script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_fast_paths_give_the_plain_loss(script):
     """channels-last: the same loss up to float rounding; bf16 autocast (--amp bf16, also on CPU):
-    within its tolerance. One step from the same weights and views."""
+    within its tolerance; --gpu-aug (colour on the device, here the CPU): the same views up to the
+    CPU path's uint8 rounding. One step from the same weights and views."""
     mod = module(script)
 
     def first_loss(*flags):
         args = mod.parse_args(small(script) + ["--multicrop", "2", "--mean-enc", "2"] + list(flags))
         source, target = mod.build_encoders(args, torch.device("cpu"))
-        batch = small_batch(script, args)
+        batch = augment.finish_views(small_batch(script, args))
         if args.channels_last:
             batch = {k: v.to(memory_format=torch.channels_last) for k, v in batch.items()}
         queue = [mod.Queue(args.queue_size, args.dim)] if hasattr(mod, "Queue") else []
@@ -213,3 +220,5 @@ def test_fast_paths_give_the_plain_loss(script):
     plain = first_loss("--amp", "off")
     assert first_loss("--amp", "off", "--channels-last") == pytest.approx(plain, rel=1e-5)
     assert first_loss("--amp", "bf16") == pytest.approx(plain, rel=3e-2)
+    # about one grey level apart per pixel: SimSiam's loss starts near 0 (absolute), Barlow's sums many terms
+    assert first_loss("--amp", "off", "--gpu-aug") == pytest.approx(plain, rel=3e-2, abs=2e-2)
