@@ -10,7 +10,9 @@ it on the target (WeakerAug, MeanEnc; AsymBN lives in the model). This file buil
     loader = DataLoader(train_set, batch_size=64, collate_fn=collate_views)
     batch, labels = next(iter(loader))  # batch["source"]: (n_s*B)x3xHxW, view-major
 
-Recipes are torchvision.transforms.v2 pipelines on uint8 tensors (one decode per image).
+Recipes are torchvision.transforms.v2 pipelines on uint8 tensors (one decode per image). With
+--gpu-aug (Views(..., device_aug=True)) the views' colour operations run on the batch on the
+device instead: the training loop calls finish_views(batch), the identity otherwise.
 """
 import math
 import os
@@ -45,6 +47,7 @@ FRAMEWORK_RECIPES = {
     "barlow": ("byol1", "byol2"),
     "simclr": ("simclr", "simclr"),
 }
+JITTER_P, GRAY_P = 0.8, 0.2  # every recipe: ColorJitter applied with p 0.8, grayscale with p 0.2
 MULTICROP_SCALE = (0.05, 0.14)  # small crops; the standard crops then start at 0.14
 MULTICROP_SIZE_AT_224 = 96
 
@@ -94,8 +97,8 @@ def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False
         scale = scale or (default_min, 1.0)
         ops = [
             v2.RandomResizedCrop(size, scale=scale, antialias=True),
-            v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.ColorJitter(*jitter)], p=JITTER_P),
+            v2.RandomGrayscale(p=GRAY_P),
         ]
         if blur_kernel(size) and blur_p > 0:
             ops.append(v2.RandomApply([GaussianBlur(sigma=(0.1, 2.0))], p=blur_p))
@@ -162,7 +165,8 @@ def scalemix(x1, x2):
 # to the whole batch on the device. The views per image, their seeds and their statistics are
 # the CPU path's; pixel values differ by the CPU path's rounding to uint8 after each operation,
 # and the blur is a 13-tap Gaussian (3 sigma at sigma 2) instead of PIL's box approximation.
-# StrongerAug's RandAugment (after the colour, on PIL-like uint8 images) stays on the worker.
+# The worker may flip before the colour: per-pixel operations and a symmetric blur commute with
+# it. StrongerAug's RandAugment (after the colour, on uint8 images) stays on the worker.
 PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue",
           "order0", "order1", "order2", "order3", "gray", "sigma", "solarize")
 IDENTITY_PARAMS = (0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0)
@@ -185,12 +189,12 @@ class DeviceAugView:
     def __call__(self, image):
         view = self.crop(image)
         p = dict(zip(PARAMS, IDENTITY_PARAMS))
-        if torch.rand(1) < 0.8:
+        if torch.rand(1) < JITTER_P:
             jitter = self.jitter.make_params([])
-            p.update(jitter=1.0, brightness=jitter["brightness_factor"], contrast=jitter["contrast_factor"],
-                     saturation=jitter["saturation_factor"], hue=jitter["hue_factor"],
-                     **{f"order{i}": float(op) for i, op in enumerate(jitter["fn_idx"])})
-        p["gray"] = float(torch.rand(1) < 0.2)
+            p.update({name: jitter[name + "_factor"] for name in ("brightness", "contrast", "saturation", "hue")
+                      if jitter[name + "_factor"] is not None}, jitter=1.0)  # a None factor: the identity
+            p.update({f"order{i}": float(op) for i, op in enumerate(jitter["fn_idx"])})
+        p["gray"] = float(torch.rand(1) < GRAY_P)
         if self.blur_p > 0 and torch.rand(1) < self.blur_p:
             p["sigma"] = torch.empty(1).uniform_(0.1, 2.0).item()  # GaussianBlur's draw
         if self.solarize_p > 0:
