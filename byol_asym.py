@@ -369,27 +369,30 @@ def simsiam_std(z):
 def train_step(source, target, batch, args):
     """One source/target pass and the loss. batch: {"source", "target", "source_small",
     "target_small"}, each (views*N)x3xHxW, view-major. -> loss, p (NxD), z (NxD)."""
+    n = len(batch["source"]) // args.mean_enc_source  # N, the images in this process's batch
     m = args.multicrop
     inputs = [batch["source"]]
     if args.sym:
         inputs.append(batch["target"])
     if "source_small" in batch:
-        n = len(batch["source"]) // args.mean_enc_source  # N, the images in this process's batch
         inputs += list(batch["source_small"].split(n)) if args.multicrop_per_crop else [batch["source_small"]]
     outputs = source(inputs)
     p = mean_encoding(outputs[0], args.mean_enc_source)
     z = mean_encoding(target_encode(target, batch["target"]), args.mean_enc)
     loss = byol_loss(p, z)
 
-    # each kind of pair (a small crop on the source, the target or both) adds the mean over its pairs
+    # each kind of pair (a small crop on the source, the target or both) adds the mean over its pairs;
+    # small crops are view-major (m*N)xD, so repeating the standard encodings m times pairs them up
     if "source_small" in batch:
-        p_small = torch.cat(outputs[1 + args.sym:]).chunk(m)  # m x NxD
-        loss = loss + torch.stack([byol_loss(p_j, z) for p_j in p_small]).mean()
+        p_small = torch.cat(outputs[1 + args.sym:])
+        loss = loss + byol_loss(p_small, z.repeat(m, 1))
     if "target_small" in batch:
-        z_small = target_encode(target, batch["target_small"]).chunk(m)
-        loss = loss + torch.stack([byol_loss(p, z_j) for z_j in z_small]).mean()
+        z_small = target_encode(target, batch["target_small"])
+        loss = loss + byol_loss(p.repeat(m, 1), z_small)
     if "source_small" in batch and "target_small" in batch:  # all m x m pairs of small crops
-        loss = loss + torch.stack([byol_loss(p_i, z_j) for p_i in p_small for z_j in z_small]).mean()
+        every_p = p_small.view(m, 1, n, -1).expand(m, m, n, -1).reshape(m * m * n, -1)
+        every_z = z_small.view(1, m, n, -1).expand(m, m, n, -1).reshape(m * m * n, -1)
+        loss = loss + byol_loss(every_p, every_z)
     if args.sym:  # mirrored pair: the source encodes the target's views and vice versa
         p_mirror = mean_encoding(outputs[1], args.mean_enc)
         z_mirror = mean_encoding(target_encode(target, batch["source"]), args.mean_enc_source)

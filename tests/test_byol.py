@@ -62,6 +62,28 @@ def test_asymmetric_step_with_multicrop_and_mean_enc_by_hand():
     assert p.shape == z.shape == (n, 3)
 
 
+def test_multicrop_on_both_adds_every_pair_of_small_crops_by_hand():
+    """--multicrop-on both: standard pair + mean over (small source, target) + mean over (source,
+    small target) + mean over all m x m (small source, small target) pairs."""
+    torch.manual_seed(2)
+    source, target = Scale(predictor=True), Scale(predictor=False)
+    n, m = 3, 2
+    batch = {"source": torch.randn(n, 1, 2, 2), "target": torch.randn(n, 1, 2, 2),
+             "source_small": torch.randn(m * n, 1, 2, 2), "target_small": torch.randn(m * n, 1, 2, 2)}
+    args = byol.parse_args(["--multicrop", str(m), "--multicrop-on", "both"])
+    loss, _, _ = byol.train_step(source, target, batch, args)
+    P, W, Wt = source.predictor.weight, source.projector.weight, target.projector.weight
+    p = lambda x: P @ W @ x.flatten()
+    z = lambda x: Wt @ x.flatten()
+    small = lambda kind, j, i: batch[kind][j * n + i]  # view-major: crop j of image i
+    expected = sum(cos_loss(p(batch["source"][i]), z(batch["target"][i])) for i in range(n)) / n
+    expected += sum(cos_loss(p(small("source_small", j, i)), z(batch["target"][i])) for i in range(n) for j in range(m)) / (m * n)
+    expected += sum(cos_loss(p(batch["source"][i]), z(small("target_small", j, i))) for i in range(n) for j in range(m)) / (m * n)
+    expected += sum(cos_loss(p(small("source_small", a, i)), z(small("target_small", b, i)))
+                    for i in range(n) for a in range(m) for b in range(m)) / (m * m * n)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_sym_adds_the_mirrored_pair():
     torch.manual_seed(1)
     source, target = Scale(predictor=True), Scale(predictor=False)
