@@ -425,12 +425,13 @@ def target_encode(target, x):
 # Loss
 # =============================================================================================
 def contrastive_loss(p, z, temperature):
-    """p: NxD source predictions, z: NxD target encodings of this process's N images -> MoCo v3's
-    InfoNCE: each p must pick its own image's z among the (world*N) z of all processes, x 2T."""
+    """p: (k*N)xD source predictions of k views (view-major), z: NxD target encodings of this
+    process's N images -> MoCo v3's InfoNCE: each p must pick its own image's z among the
+    (world*N) z of all processes, x 2T; the mean over the k views."""
     with torch.autocast(p.device.type, enabled=False):  # logits in float32 even under --amp
         p, z = F.normalize(p.float(), dim=1), F.normalize(z.float(), dim=1)
-        logits = p @ concat_all_gather(z).T / temperature  # Nx(world*N), no gradient into the target
-        labels = torch.arange(len(p), device=p.device) + len(p) * rank()  # own z: rows of this rank
+        logits = p @ concat_all_gather(z).T / temperature  # (k*N)x(world*N), no gradient into the target
+        labels = torch.arange(len(p), device=p.device) % len(z) + len(z) * rank()  # own z: rows of this rank
         return F.cross_entropy(logits, labels) * 2 * temperature
 
 
@@ -473,15 +474,16 @@ def train_step(source, target, batch, args):
     z = mean_encoding(target_encode(target, batch["target"]), args.mean_enc)
     loss = contrastive_loss(p, z, args.temperature)
 
-    # each kind of pair (a small crop on the source, the target or both) adds the mean over its pairs
+    # each kind of pair (a small crop on the source, the target or both) adds the mean over its pairs;
+    # all small source crops share a contrast set (one gather), each small target crop is its own
     if "source_small" in batch:
-        p_small = torch.cat(outputs[1 + args.sym:]).chunk(m)  # m x NxD
-        loss = loss + torch.stack([contrastive_loss(p_j, z, args.temperature) for p_j in p_small]).mean()
+        p_small = torch.cat(outputs[1 + args.sym:])  # (m*N)xD, view-major
+        loss = loss + contrastive_loss(p_small, z, args.temperature)
     if "target_small" in batch:
         z_small = target_encode(target, batch["target_small"]).chunk(m)
         loss = loss + torch.stack([contrastive_loss(p, z_j, args.temperature) for z_j in z_small]).mean()
     if "source_small" in batch and "target_small" in batch:  # all m x m pairs of small crops
-        loss = loss + torch.stack([contrastive_loss(p_i, z_j, args.temperature) for p_i in p_small for z_j in z_small]).mean()
+        loss = loss + torch.stack([contrastive_loss(p_small, z_j, args.temperature) for z_j in z_small]).mean()
     if args.sym:  # mirrored pair: the source encodes the target's views and vice versa
         p_mirror = mean_encoding(outputs[1], args.mean_enc)
         z_mirror = mean_encoding(target_encode(target, batch["source"]), args.mean_enc_source)
