@@ -14,6 +14,7 @@ Recipes are torchvision.transforms.v2 pipelines on uint8 tensors (one decode per
 --gpu-aug (Views(..., device_aug=True)) the views' colour operations run on the batch on the
 device instead: the training loop calls finish_views(batch), the identity otherwise.
 """
+import functools
 import math
 import os
 import warnings
@@ -234,7 +235,8 @@ def adjust_hue(x, shift):
     hue = torch.where(value == r, (g - b) / c, torch.where(value == g, 2 + (b - r) / c, 4 + (r - g) / c))
     hue = (torch.where(chroma > 0, hue, 0.0) / 6 + shift.view(-1, 1, 1)) % 1.0
     # back to RGB: channel = value - value * saturation * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6, n = 5, 3, 1
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # made on the device: no copy
+    k = (n + 6 * hue.unsqueeze(1)) % 6
     return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -282,6 +284,13 @@ def paste_boxes(x1, x2, boxes):
     return torch.where(inside.unsqueeze(1), x2, x1)
 
 
+@functools.lru_cache(maxsize=None)
+def imagenet_mean_std(device):
+    """1x3x1x1 ImageNet mean and std on `device`, made once: a copy from the host every step would
+    make the host wait for the GPU's queue."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def finish_views(batch):
     """The device's half of --gpu-aug: uint8 views -> photometric (with the workers' parameters),
     float, ImageNet normalisation, ScaleMix's boxes. Views that arrive finished (float: no
@@ -292,7 +301,7 @@ def finish_views(batch):
             continue
         if x.dtype == torch.uint8:
             x = photometric(x.float() * (1 / 255), batch[kind + "_params"])
-            mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+            mean, std = imagenet_mean_std(x.device)
             x = (x - mean) / std
             if kind + "_box" in batch:  # ScaleMix views: the first halves get boxes of the second
                 x = paste_boxes(*x.chunk(2), batch[kind + "_box"])
