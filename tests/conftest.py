@@ -1,4 +1,5 @@
-"""Shared helpers: run a script (1 process or torchrun), read its JSON-lines log, the CIFAR-10 copy."""
+"""Shared helpers: run a script (1 process or torchrun), read its JSON-lines log, the CIFAR-10 copy,
+a stand-in encoder (Scale) for the hand-computed steps."""
 import importlib
 import json
 import os
@@ -11,6 +12,7 @@ import tarfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -103,3 +105,18 @@ def cifar10(tmp_path_factory):
             with tar.extractfile(member) as src, open(out / split / cls / parts[-1], "wb") as dst:
                 shutil.copyfileobj(src, dst)
     return str(out)
+
+
+class Scale(nn.Module):
+    """A stand-in encoder: flattens each view and multiplies by a fixed matrix (projector), then
+    by another (predictor) on the source: outputs are easy to compute by hand."""
+
+    def __init__(self, predictor):
+        super().__init__()
+        self.projector = nn.Linear(4, 3, bias=False)
+        self.predictor = nn.Linear(3, 3, bias=False) if predictor else nn.Identity()
+        torch.nn.init.normal_(self.projector.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.normal_(self.predictor.weight, generator=torch.Generator().manual_seed(1)) if predictor else None
+
+    def forward(self, views):
+        return [self.predictor(self.projector(x.flatten(1))) for x in views]

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import byol_asym as byol
+from conftest import Scale
 from test_distributed import spawn
 
 
@@ -17,21 +18,6 @@ def test_byol_loss_by_hand():
     assert byol.byol_loss(p, z).item() == pytest.approx(sum(2 - 2 * c for c in cosines) / 2)
     angle = torch.tensor([[math.cos(0.3), math.sin(0.3)]])
     assert byol.byol_loss(angle * 5, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(2 - 2 * math.cos(0.3), rel=1e-6)
-
-
-class Scale(nn.Module):
-    """A stand-in encoder: flattens each view and multiplies by a fixed matrix (projector), then
-    by another (predictor) on the source: outputs are easy to compute by hand."""
-
-    def __init__(self, predictor):
-        super().__init__()
-        self.projector = nn.Linear(4, 3, bias=False)
-        self.predictor = nn.Linear(3, 3, bias=False) if predictor else nn.Identity()
-        torch.nn.init.normal_(self.projector.weight, generator=torch.Generator().manual_seed(0))
-        torch.nn.init.normal_(self.predictor.weight, generator=torch.Generator().manual_seed(1)) if predictor else None
-
-    def forward(self, views):
-        return [self.predictor(self.projector(x.flatten(1))) for x in views]
 
 
 def step_args(m=0, n_t=1, sym=False):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torchvision
 
 import mocov3_asym as mocov3
+from conftest import Scale
 from test_distributed import spawn
 
 
@@ -34,21 +35,6 @@ def test_contrastive_loss_by_hand(temperature):
     eye = torch.eye(2) * 3
     assert mocov3.contrastive_loss(eye, eye, temperature).item() == pytest.approx(
         2 * temperature * math.log(1 + math.exp(-1 / temperature)), rel=1e-6)
-
-
-class Scale(nn.Module):
-    """A stand-in encoder: flattens each view and multiplies by a fixed matrix (projector), then
-    by another (predictor) on the source: outputs are easy to compute by hand."""
-
-    def __init__(self, predictor):
-        super().__init__()
-        self.projector = nn.Linear(4, 3, bias=False)
-        self.predictor = nn.Linear(3, 3, bias=False) if predictor else nn.Identity()
-        torch.nn.init.normal_(self.projector.weight, generator=torch.Generator().manual_seed(0))
-        torch.nn.init.normal_(self.predictor.weight, generator=torch.Generator().manual_seed(1)) if predictor else None
-
-    def forward(self, views):
-        return [self.predictor(self.projector(x.flatten(1))) for x in views]
 
 
 def step_args(m=0, n_t=1, sym=False, temperature="0.5"):

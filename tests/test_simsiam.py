@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import simsiam_asym as simsiam
-from conftest import read_log
+from conftest import Scale, read_log
 from test_distributed import spawn
 
 TINY = ["--arch", "resnet18", "--image-size", "32", "--dim", "16", "--proj-dim", "32", "--pred-dim", "8"]
@@ -21,21 +21,6 @@ def test_simsiam_loss_by_hand():
     assert simsiam.simsiam_loss(p, z).item() == pytest.approx(-sum(cosines) / 3, abs=1e-7)
     angle = torch.tensor([[math.cos(0.3), math.sin(0.3)]])
     assert simsiam.simsiam_loss(angle * 5, torch.tensor([[2.0, 0.0]])).item() == pytest.approx(-math.cos(0.3), rel=1e-6)
-
-
-class Scale(nn.Module):
-    """A stand-in encoder: flattens each view and multiplies by a fixed matrix (projector), then
-    by another (predictor) on the source: outputs are easy to compute by hand."""
-
-    def __init__(self, predictor):
-        super().__init__()
-        self.projector = nn.Linear(4, 3, bias=False)
-        self.predictor = nn.Linear(3, 3, bias=False) if predictor else nn.Identity()
-        torch.nn.init.normal_(self.projector.weight, generator=torch.Generator().manual_seed(0))
-        torch.nn.init.normal_(self.predictor.weight, generator=torch.Generator().manual_seed(1)) if predictor else None
-
-    def forward(self, views):
-        return [self.predictor(self.projector(x.flatten(1))) for x in views]
 
 
 def step_args(m=0, n_t=1, sym=False):
