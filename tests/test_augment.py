@@ -309,7 +309,7 @@ def test_gpu_aug_views_are_the_cpu_views(case):
         else:
             assert levels.abs().mean() < 2 and abs(levels.mean()) < 1.5, kind
             assert levels.abs().flatten().quantile(0.99) < 8, kind
-            assert (finished[kind] * std).std() == pytest.approx((x * std).std(), rel=0.01)
+            assert (finished[kind] * std).std().item() == pytest.approx((x * std).std().item(), rel=0.01)
 
 
 def test_finish_views_passes_finished_views_through():
