@@ -16,7 +16,7 @@ Designs (the paper keeps the target's encoding variance below the source's):
 
 Examples:
     python barlow_asym.py --data synthetic --arch resnet18 --image-size 32 --epochs 6 --batch-size 128 \\
-        --lr 1.0 --lr-biases 0.024 --warmup-epochs 1 --projector 1024-1024-1024 --bn-splits 4 --workers 2   # CPU minutes
+        --lr 1.0 --lr-biases 0.024 --wd 1e-6 --warmup-epochs 1 --projector 1024-1024-1024 --bn-splits 4 --workers 2   # CPU
     torchrun --nproc_per_node=8 barlow_asym.py --data /path/to/imagenet --multicrop --asym-bn --mean-enc 2
 """
 import argparse
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=1000, help="Barlow Twins' recipe (its ablations: 300, same learning rates)")
     g.add_argument("--batch-size", type=int, default=2048, help="global batch over all processes")
     g.add_argument("--lr", type=float, default=0.2, help="base learning rate of the weights per 256 images (lr = base x batch / 256; biases and BN: --lr-biases)")
-    g.add_argument("--wd", type=float, default=1e-6, help="weight decay (LARS; none on biases and BN)")
+    g.add_argument("--wd", type=float, default=1.6e-5,
+                   help="weight decay (LARS; none on biases and BN); 1.6e-5 = the published 1e-6 x 16 GPUs (see --lr-biases)")
     g.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay per step to 0.001 x the peak")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision; auto: bf16 (or fp16 without bf16 support) on CUDA, off on CPU")
@@ -72,8 +73,12 @@ def parse_args(argv=None):
     g.add_argument("--projector", default="8192-8192-8192",
                    help="projector widths: Linear+BN+ReLU layers, then a bare Linear; the last width is the encoding dimension D")
     g.add_argument("--lambd", type=float, default=0.0051, help="lambda: weight of the off-diagonal (redundancy reduction) term")
-    g.add_argument("--lr-biases", type=float, default=0.0048,
-                   help="base learning rate of the biases and BN parameters (1-D) per 256 images (lr = base x batch / 256)")
+    g.add_argument("--lr-biases", type=float, default=0.0003,
+                   help="base learning rate of the biases and BN parameters (1-D) per 256 images (lr = base x batch / 256). "
+                        "0.0003 = the published 0.0048 / 16: the original all-reduces c without gradient, so on its 16 GPUs "
+                        "each parameter got 1/16 of the global-batch gradient; this loss gives the whole gradient on any "
+                        "number of processes, and under LARS 1/W of the gradient equals W x --wd and 1/W x --lr-biases. "
+                        "With these defaults the run is the published 16-GPU run")
     g.add_argument("--sym", action="store_true",
                    help="the original Barlow Twins loss: the source encodes both views, gradients through both")
     g.add_argument("--global-bn", action="store_true", help="SyncBN in every BN of source and target, as the original Barlow Twins")
@@ -172,9 +177,9 @@ def rank():
 
 @torch.no_grad()
 def concat_all_gather(x):
-    """Local NxC -> (world*N)xC in rank order, no gradient."""
+    """Local NxC -> (world*N)xC in rank order, no gradient (detached on one process too)."""
     if world_size() == 1:
-        return x
+        return x.detach()
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
@@ -261,7 +266,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm over `splits` groups of the batch (sample i in group i mod splits): the
-    statistics `splits` devices would see, on one. Works for 1-d and 2-d inputs."""
+    statistics `splits` devices would see, on one. Its running statistics are the mean of the
+    `splits` devices' own (a real multi-device run saves device 0's). Works for 1-d and 2-d inputs."""
 
     def __init__(self, num_features, splits, **kwargs):
         super().__init__(num_features, **kwargs)

@@ -75,7 +75,7 @@ def parse_args(argv=None):
     g.add_argument("--ema", type=float, default=0.999, help="target momentum m: target <- m target + (1-m) source (0.99 on CIFAR)")
     g.add_argument("--sym", action="store_true", help="add the mirrored pair: source(target views) vs target(source views)")
     g.add_argument("--bn-splits", type=int, default=1,
-                   help="normalise each process's target batch in N groups to emulate N devices (shuffled BN is a no-op on 1 process)")
+                   help="normalise each process's batch in N groups in every per-process BN, to emulate N devices on one (the target's groups shuffled, as MoCo's shuffled BN)")
     g = p.add_argument_group("asymmetric designs (paper's preferred placement by default)")
     g.add_argument("--multicrop", type=int, nargs="?", const=6, default=0, metavar="M",
                    help="MultiCrop: M small crops (6 when given bare; 96 px at 224, scale 0.05-0.14) on the source; raises its variance")
@@ -169,9 +169,9 @@ def rank():
 
 @torch.no_grad()
 def concat_all_gather(x):
-    """Local NxC -> (world*N)xC in rank order, no gradient."""
+    """Local NxC -> (world*N)xC in rank order, no gradient (detached on one process too)."""
     if world_size() == 1:
-        return x
+        return x.detach()
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
@@ -237,7 +237,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm over `splits` groups of the batch (sample i in group i mod splits): the
-    statistics `splits` devices would see, on one. Works for 1-d and 2-d inputs."""
+    statistics `splits` devices would see, on one. Its running statistics are the mean of the
+    `splits` devices' own (a real multi-device run saves device 0's). Works for 1-d and 2-d inputs."""
 
     def __init__(self, num_features, splits, **kwargs):
         super().__init__(num_features, **kwargs)
@@ -303,9 +304,9 @@ def build_encoders(args, device):
     for name, encoder in (("source", source), ("target", target)):
         if args.syncbn_on in (name, "both"):
             encoder.projector = sync_bn(encoder.projector, group)
-    if args.bn_splits > 1:  # every remaining per-device BN of the target sees 1/splits of the batch
-        replace_bn(target, lambda bn: SplitBatchNorm(bn.num_features, args.bn_splits, eps=bn.eps,
-                                                     momentum=bn.momentum, affine=bn.affine))
+        if args.bn_splits > 1:  # every remaining per-device BN sees 1/splits of the batch
+            replace_bn(encoder, lambda bn: SplitBatchNorm(bn.num_features, args.bn_splits, eps=bn.eps,
+                                                          momentum=bn.momentum, affine=bn.affine))
     target.requires_grad_(False)
     if args.channels_last:
         source, target = source.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
@@ -318,31 +319,45 @@ def momentum_update(target, source, m):
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), 1.0 - m)
 
 
+def to_devices(x, splits):
+    """Local rows i (view-major) -> grouped by the emulated device i mod splits (--bn-splits), device-major."""
+    return x.view(-1, splits, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
+
+
+def from_devices(x, splits):
+    """The inverse of to_devices."""
+    return x.view(splits, -1, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
+
+
 @torch.no_grad()
-def batch_shuffle(x):
-    """Local NxCxHxW -> a random N of the global batch, and the order that undoes it."""
-    if world_size() == 1:
+def batch_shuffle(x, splits=1):
+    """Local NxCxHxW -> a random N of the global batch, and the order that undoes it. A process
+    stands for `splits` devices (--bn-splits; its BN groups rows i mod splits): the global batch is
+    laid out device by device, so each of the world * splits devices gets a random block of it."""
+    if world_size() * splits == 1:
         return x, None
-    x_all = concat_all_gather(x)
+    x_all = concat_all_gather(to_devices(x, splits))
     order = torch.randperm(x_all.shape[0], device=x.device)
-    dist.broadcast(order, src=0)
-    return x_all[order.view(world_size(), -1)[rank()]], torch.argsort(order)
+    if world_size() > 1:
+        dist.broadcast(order, src=0)
+    return from_devices(x_all[order.view(world_size(), -1)[rank()]], splits), torch.argsort(order)
 
 
 @torch.no_grad()
-def batch_unshuffle(z, undo):
+def batch_unshuffle(z, undo, splits=1):
     """Encodings of the shuffled batch -> this process's own rows, in its original order."""
     if undo is None:
         return z
-    return concat_all_gather(z)[undo.view(world_size(), -1)[rank()]]
+    z_all = concat_all_gather(to_devices(z, splits))
+    return from_devices(z_all[undo.view(world_size(), -1)[rank()]], splits)
 
 
 @torch.no_grad()
-def target_encode(target, x):
-    """(n*N)x3xHxW -> (n*N)xD target encodings; BN shuffled across processes (MoCo's shuffle BN)
-    so that a source encoding and its target never share batch statistics."""
-    x, undo = batch_shuffle(x)
-    return batch_unshuffle(target([x])[0], undo)
+def target_encode(target, x, splits=1):
+    """(n*N)x3xHxW -> (n*N)xD target encodings; BN shuffled across the (emulated) devices (MoCo's
+    shuffle BN) so that a source encoding and its target never share batch statistics."""
+    x, undo = batch_shuffle(x, splits)
+    return batch_unshuffle(target([x])[0], undo, splits)
 
 
 class Queue(nn.Module):
@@ -416,7 +431,7 @@ def train_step(source, target, queue, batch, args):
         inputs += list(batch["source_small"].split(n)) if args.multicrop_per_crop else [batch["source_small"]]
     outputs = source(inputs)
     q = mean_encoding(outputs[0], args.mean_enc_source)
-    k = mean_encoding(target_encode(target, batch["target"]), args.mean_enc)
+    k = mean_encoding(target_encode(target, batch["target"], args.bn_splits), args.mean_enc)
     loss = infonce(q, k, queue.keys, args.temperature)
 
     # each kind of pair (a small crop on the source, the target or both) adds the mean over its pairs;
@@ -425,7 +440,7 @@ def train_step(source, target, queue, batch, args):
         q_small = F.normalize(torch.cat(outputs[1 + args.sym:]).float(), dim=1)
         loss = loss + infonce(q_small, k.repeat(m, 1), queue.keys, args.temperature)
     if "target_small" in batch:
-        k_small = F.normalize(target_encode(target, batch["target_small"]).float(), dim=1)
+        k_small = F.normalize(target_encode(target, batch["target_small"], args.bn_splits).float(), dim=1)
         loss = loss + infonce(q.repeat(m, 1), k_small, queue.keys, args.temperature)
     if "source_small" in batch and "target_small" in batch:  # all m x m pairs of small crops
         every_q = q_small.view(m, 1, n, -1).expand(m, m, n, -1).reshape(m * m * n, -1)
@@ -434,7 +449,7 @@ def train_step(source, target, queue, batch, args):
     keys = [k]
     if args.sym:  # mirrored pair: the source encodes the target's views and vice versa
         q_mirror = mean_encoding(outputs[1], args.mean_enc)
-        k_mirror = mean_encoding(target_encode(target, batch["source"]), args.mean_enc_source)
+        k_mirror = mean_encoding(target_encode(target, batch["source"], args.bn_splits), args.mean_enc_source)
         loss = loss + infonce(q_mirror, k_mirror, queue.keys, args.temperature)
         keys.append(k_mirror)
     return loss, q, torch.cat(keys)

@@ -65,7 +65,7 @@ def parse_args(argv=None):
                    + "; or MoCo v3's ViT: " + ", ".join(VITS))
     g.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 first conv and no max-pool, for 32 px images")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--epochs", type=int, help="default 100 for ResNets, 300 for ViTs (MoCo v3's recipes)")
     g.add_argument("--batch-size", type=int, default=4096, help="global batch over all processes")
     g.add_argument("--optimizer", default="auto", choices=["auto", "lars", "adamw"], help="auto: LARS for ResNets, AdamW for ViTs")
     g.add_argument("--lr", type=float, help="base learning rate per 256 images (lr = base x batch / 256); "
@@ -130,7 +130,10 @@ def parse_args(argv=None):
     vit = args.arch in VITS
     if args.optimizer == "auto":
         args.optimizer = "adamw" if vit else "lars"
+    args.epochs = (300 if vit else 100) if args.epochs is None else args.epochs
     base_lr, wd = OPTIMIZER_DEFAULTS[args.optimizer]
+    if args.optimizer == "lars" and args.epochs >= 300:
+        base_lr = 0.3  # MoCo v3's ResNet-50 recipe: 0.6 at 100 epochs, 0.3 at 300 and more
     args.lr = base_lr if args.lr is None else args.lr
     args.wd = wd if args.wd is None else args.wd
     args.warmup_epochs = (40 if vit else 10) if args.warmup_epochs is None else args.warmup_epochs
@@ -191,9 +194,9 @@ def rank():
 
 @torch.no_grad()
 def concat_all_gather(x):
-    """Local NxC -> (world*N)xC in rank order, no gradient."""
+    """Local NxC -> (world*N)xC in rank order, no gradient (detached on one process too)."""
     if world_size() == 1:
-        return x
+        return x.detach()
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
@@ -330,7 +333,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm over `splits` groups of the batch (sample i in group i mod splits): the
-    statistics `splits` devices would see, on one. Works for 1-d and 2-d inputs."""
+    statistics `splits` devices would see, on one. Its running statistics are the mean of the
+    `splits` devices' own (a real multi-device run saves device 0's). Works for 1-d and 2-d inputs."""
 
     def __init__(self, num_features, splits, **kwargs):
         super().__init__(num_features, **kwargs)

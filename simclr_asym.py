@@ -73,7 +73,7 @@ def parse_args(argv=None):
     g.add_argument("--mlp-dim", type=int, default=0, help="hidden width of the projector (0: the backbone's feature dimension)")
     g.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature T")
     g.add_argument("--sym", action="store_true",
-                   help="the original SimCLR loss: the source encodes both views, each view's encoding is an anchor (gradients through both)")
+                   help="the original SimCLR loss: the source encodes both views in one batch, each view's encoding is an anchor (gradients through both), per image summed over both")
     g.add_argument("--global-bn", action="store_true", help="SyncBN in every BN of source and target, as the original SimCLR")
     g.add_argument("--bn-splits", type=int, default=1,
                    help="normalise each process's batch in N groups in every per-process BN, to emulate N devices on one")
@@ -170,9 +170,9 @@ def rank():
 
 @torch.no_grad()
 def concat_all_gather(x):
-    """Local NxC -> (world*N)xC in rank order, no gradient."""
+    """Local NxC -> (world*N)xC in rank order, no gradient (detached on one process too)."""
     if world_size() == 1:
-        return x
+        return x.detach()
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
@@ -265,7 +265,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm over `splits` groups of the batch (sample i in group i mod splits): the
-    statistics `splits` devices would see, on one. Works for 1-d and 2-d inputs."""
+    statistics `splits` devices would see, on one. Its running statistics are the mean of the
+    `splits` devices' own (a real multi-device run saves device 0's). Works for 1-d and 2-d inputs."""
 
     def __init__(self, num_features, splits, **kwargs):
         super().__init__(num_features, **kwargs)
@@ -381,7 +382,8 @@ def nt_xent_sym(z1, z2, temperature):
     global batch [view 1 of all B images; view 2 of all B] (gathered with gradient). Anchors: this
     process's 2N encodings, image g = rank * N + i at rows g (view 1) and B + g (view 2) of the
     candidates; its own row masked out, the other view of its image the positive: 2B - 2
-    negatives. -> mean over the 2N anchors (the original sums the two views' means: 2x this)."""
+    negatives. -> the original's scale: per image, the losses of its two views as anchors summed,
+    mean over the images (2x the mean over the 2N anchors)."""
     with torch.autocast(z1.device.type, enabled=False):  # logits / T in float32
         z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
         b = len(z1) * world_size()
@@ -389,7 +391,7 @@ def nt_xent_sym(z1, z2, temperature):
         candidates = torch.cat(all_gather_with_grad(torch.cat([z1, z2], dim=1)).chunk(2, dim=1))  # 2BxD
         itself, positive = torch.cat([index, b + index]), torch.cat([b + index, index])
         logits = (torch.cat([z1, z2]) @ candidates.T).scatter(1, itself[:, None], float("-inf"))  # 2Nx2B
-        return F.cross_entropy(logits / temperature, positive)
+        return 2 * F.cross_entropy(logits / temperature, positive)
 
 
 # +-----------------------------------------------------------------------------------------+
@@ -420,13 +422,13 @@ def train_step(source, target, batch, args):
     """One source/target pass and the loss. batch: {"source", "target", "source_small",
     "target_small"}, each (views*N)x3xHxW, view-major. -> loss, q (NxD), k (NxD), not normalised."""
     m = args.multicrop
-    inputs = [batch["source"]]
-    if args.sym:
-        inputs.append(batch["target"])
+    standard = [batch["source"], batch["target"]] if args.sym else [batch["source"]]
+    inputs = [torch.cat(standard)]  # --sym: both views in one forward, one BN batch, as the original
     if "source_small" in batch:
         n = len(batch["source"]) // args.mean_enc_source  # N, the images in this process's batch
         inputs += list(batch["source_small"].split(n)) if args.multicrop_per_crop else [batch["source_small"]]
     outputs = source(inputs)
+    outputs[:1] = outputs[0].split([len(x) for x in standard])
     q = mean_encoding(outputs[0], args.mean_enc_source)
     if args.sym:  # the original SimCLR: the source encodes both views, gradients through both
         k = mean_encoding(outputs[1], args.mean_enc)
@@ -437,7 +439,7 @@ def train_step(source, target, batch, args):
 
     # each kind of pair (a small crop on the source, the target or both) adds the mean over its pairs,
     # one NT-Xent per crop: a crop's batch is its own contrast. (Under --sym the small crops meet the
-    # source's encodings of the target views behind a stop-gradient, the clone target's values.)
+    # source's encodings of the target views, behind a stop-gradient.)
     if "source_small" in batch:
         q_small = torch.cat(outputs[1 + args.sym:]).chunk(m)  # m x NxD
         loss = loss + torch.stack([nt_xent(q_j, k, args.temperature) for q_j in q_small]).mean()

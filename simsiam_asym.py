@@ -171,9 +171,9 @@ def rank():
 
 @torch.no_grad()
 def concat_all_gather(x):
-    """Local NxC -> (world*N)xC in rank order, no gradient."""
+    """Local NxC -> (world*N)xC in rank order, no gradient (detached on one process too)."""
     if world_size() == 1:
-        return x
+        return x.detach()
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
@@ -253,7 +253,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm over `splits` groups of the batch (sample i in group i mod splits): the
-    statistics `splits` devices would see, on one. Works for 1-d and 2-d inputs."""
+    statistics `splits` devices would see, on one. Its running statistics are the mean of the
+    `splits` devices' own (a real multi-device run saves device 0's). Works for 1-d and 2-d inputs."""
 
     def __init__(self, num_features, splits, **kwargs):
         super().__init__(num_features, **kwargs)

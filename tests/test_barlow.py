@@ -3,13 +3,15 @@ cross-correlation and the sum), the asymmetric step with MultiCrop and MeanEnc a
 the projector, the learning-rate schedule and the biases' learning rate, and 1 process == 2
 processes in loss and gradient."""
 import math
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 import barlow_asym as barlow
-from conftest import read_log
+from conftest import free_port, read_log
 from test_distributed import spawn
 
 LAMBD = 0.0051
@@ -248,3 +250,58 @@ def test_two_processes_with_half_batches_equal_one_with_the_whole(two):
             if name != "loss":
                 error = (two[0][sym][name] - grad).abs().max()
                 assert grad.abs().max() > 0 and error < 1e-3 * grad.abs().max(), (sym, name, error)
+
+
+# ---- the published run: the original's gradient-free all-reduce on W GPUs ------------------------
+def official_loss(z1, z2, lambd, batch_size):
+    """A transcription of facebookresearch/barlowtwins main.py (BarlowTwins.forward after the projector):
+    c = bn(z1).T @ bn(z2) / batch_size, then torch.distributed.all_reduce(c), which autograd does not
+    see: every process's gradient flows through its own share of c only. (bn: SyncBN, affine=False.)"""
+    bn = barlow.GlobalBatchNorm(z1.shape[1], affine=False)
+    c = bn(z1.float()).T @ bn(z2.float())
+    c.div_(batch_size)
+    torch.distributed.all_reduce(c)
+    on_diag = torch.diagonal(c).add_(-1).pow_(2).sum()
+    off_diag = (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())  # the diagonal now holds (c_ii - 1)^2: excluded
+    return on_diag + lambd * off_diag
+
+
+PUBLISHED = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+             "--print-freq", "1", "--knn-every", "-1", "--epochs", "1", "--max-steps", "3", "--projector", "16-16-16",
+             "--warmup-epochs", "0", "--lr", "2.0", "--sym", "--global-bn", "--resume", "none"]
+
+
+RUNS = (("original", "official", 1e-2, 0.2), ("equivalent", "ours", 2e-2, 0.1), ("unscaled", "ours", 1e-2, 0.2))
+
+
+def _published(rank, ports, out):
+    """Three LARS steps in 2 processes (torchrun's environment): the original loss at (wd, lr-biases),
+    this script's loss at (2 wd, lr-biases / 2), and this script's at (wd, lr-biases)."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    ours = barlow.barlow_loss
+    for (name, loss, wd, lr_biases), port in zip(RUNS, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        barlow.barlow_loss = (lambda z1, z2, lambd: official_loss(z1, z2, lambd, 8)) if loss == "official" else ours
+        barlow.main(PUBLISHED + ["--wd", str(wd), "--lr-biases", str(lr_biases), "--output-dir", os.path.join(out, name)])
+
+
+def test_published_hyper_parameters_under_the_original_all_reduce_equal_the_scaled_defaults(tmp_path):
+    """On W = 2 processes the original's loss (gradient-free all-reduce: each parameter gets 1/W of the
+    global-batch gradient) with (wd, lr-biases) trains the same weights as this script's loss with
+    (W wd, lr-biases / W), under LARS; this script with the unscaled values trains other weights."""
+    mp.spawn(_published, args=([free_port() for _ in RUNS], str(tmp_path)), nprocs=2, join=True)
+    source = {name: torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)["source"]
+              for name in ("original", "equivalent", "unscaled")}
+    moved = {k: (source["original"][k] - initial).abs().max() for k, initial in
+             barlow.build_encoders(barlow.parse_args(PUBLISHED), torch.device("cpu"))[0].state_dict().items()
+             if k.endswith(("weight", "bias"))}
+    for key, value in source["original"].items():
+        if key.endswith(("weight", "bias")) and moved[key] > 0:
+            torch.testing.assert_close(source["equivalent"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    differs = lambda k: (source["unscaled"][k] - source["original"][k]).abs().max() / moved[k]
+    assert differs("backbone.bn1.bias") > 0.1 and differs("projector.0.weight") > 0.01
+    # so the defaults are the published 16-GPU run's: wd 1e-6 x 16, lr-biases 0.0048 / 16
+    defaults = barlow.parse_args([])
+    assert defaults.wd == pytest.approx(1e-6 * 16) and defaults.lr_biases == pytest.approx(0.0048 / 16)
+    assert defaults.lr == 0.2 and defaults.batch_size == 2048 and defaults.lambd == 0.0051

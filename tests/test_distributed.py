@@ -161,6 +161,56 @@ def test_two_processes_with_half_batches_equal_one_with_the_whole():
     assert one[0] != one[1]
 
 
+# ---- --bn-splits k on one process is k processes' per-device BN ---------------------------------
+SPLIT = ["--multicrop", "2", "--mean-enc", "2", "--queue-size", "32", "--batch-size", "8", "--arch", "resnet18",
+         "--image-size", "32", "--workers", "0", "--amp", "off"]
+
+
+def first_step(flags):
+    """One training step of the script's pieces with per-device BN as configured; -> the global loss,
+    the source's gradients (DDP's mean) and the running statistics of a backbone and a projector BN."""
+    args = moco.parse_args(SPLIT + list(flags))
+    source, target = moco.build_encoders(args, torch.device("cpu"))
+    queue = moco.Queue(args.queue_size, args.dim)
+    model = nn.parallel.DistributedDataParallel(source) if moco.world_size() > 1 else source
+    train_set = augment.dataset("synthetic", "train", moco.make_views(args), seed=args.seed)
+    batch, _ = next(iter(moco.train_loader(train_set, 0, 0, args)))
+    torch.manual_seed(7)  # the target's BN shuffle: rank 0's permutation is the one process's
+    loss, _, _ = moco.train_step(model, target, queue, batch, args)
+    loss.backward()
+    global_loss = loss.detach().clone()
+    if moco.world_size() > 1:
+        dist.all_reduce(global_loss)
+        global_loss /= moco.world_size()
+    stats = {f"{name}.{stat}.{bn}": getattr(getattr(encoder, part)[i] if part == "projector" else encoder.backbone.bn1, stat)
+             for name, encoder in (("source", source), ("target", target))
+             for bn, part, i in (("bn1", "backbone", None), ("proj", "projector", 1))
+             for stat in ("running_mean", "running_var")}
+    return {"loss": global_loss, "grads": torch.cat([p.grad.flatten() for p in source.parameters()]), **stats}
+
+
+def _first_step(rank, flags):
+    return first_step(flags)
+
+
+@pytest.mark.parametrize("flags", [[], ["--asym-bn"], ["--syncbn-on", "source"]], ids=["per-device", "asym-bn", "syncbn-source"])
+def test_bn_splits_on_one_process_is_per_device_bn_of_two(flags):
+    """MoCo v2's official BN is per device for source and target alike (shuffled on the target):
+    --bn-splits 2 on one process gives the loss and gradients of two processes with the same global
+    batch, SyncBN placements included; its running statistics are the mean of the two devices'."""
+    torch.set_num_threads(1)
+    one = first_step(flags + ["--bn-splits", "2"])
+    two = spawn(_first_step, flags)
+    torch.testing.assert_close(one["loss"], two[0]["loss"], rtol=1e-5, atol=1e-6)
+    assert ((one["grads"] - two[0]["grads"]).norm() / two[0]["grads"].norm()).item() < 1e-4  # float32 sums, 11M values
+    for key in one:
+        if "running" in key:
+            torch.testing.assert_close(one[key], (two[0][key] + two[1][key]) / 2, rtol=1e-4, atol=1e-6, msg=key)
+    whole = first_step(flags)  # one process, one BN batch: another loss and gradient, so the splits matter
+    assert abs(whole["loss"].item() - one["loss"].item()) > 1e-3
+    assert ((whole["grads"] - one["grads"]).norm() / one["grads"].norm()).item() > 1e-2
+
+
 # ---- kNN monitor: sharded bank and test set ----------------------------------------------------
 def knn_data():
     g = torch.Generator().manual_seed(2)

@@ -121,7 +121,7 @@ class Linear(nn.Module):
 
 
 def step_args(**kw):
-    base = dict(mean_enc=1, mean_enc_source=1, multicrop=0, multicrop_per_crop=False, sym=False, temperature=0.2)
+    base = dict(mean_enc=1, mean_enc_source=1, multicrop=0, multicrop_per_crop=False, sym=False, temperature=0.2, bn_splits=1)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -165,8 +165,8 @@ def test_target_gets_no_gradient():
     args = moco.parse_args(["--arch", "resnet18", "--image-size", "32", "--bn-splits", "2", "--asym-bn"])
     source, target = moco.build_encoders(args, torch.device("cpu"))
     assert all(not p.requires_grad for p in target.parameters())
-    assert type(target.projector[1]) is moco.GlobalBatchNorm and type(source.projector[1]) is nn.BatchNorm1d
-    assert type(target.backbone.bn1) is moco.SplitBatchNorm and type(source.backbone.bn1) is nn.BatchNorm2d
+    assert type(target.projector[1]) is moco.GlobalBatchNorm and type(source.projector[1]) is moco.SplitBatchNorm
+    assert type(target.backbone.bn1) is moco.SplitBatchNorm and type(source.backbone.bn1) is moco.SplitBatchNorm  # both emulate 2 devices
     batch = {"source": torch.randn(4, 3, 32, 32), "target": torch.randn(4, 3, 32, 32)}
     loss, _, _ = moco.train_step(source, target, moco.Queue(8, 128), batch, step_args())
     loss.backward()

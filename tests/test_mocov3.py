@@ -94,7 +94,10 @@ def test_defaults_resolved_per_arch():
     assert resolved([]) == ("lars", 0.6, 1e-6, 10, 1.0)  # resnet50
     assert resolved(["--arch", "vit_small"]) == ("adamw", 1.5e-4, 0.1, 40, 0.2)
     assert resolved(["--arch", "vit_base"]) == ("adamw", 1.5e-4, 0.1, 40, 0.2)
-    assert resolved(["--arch", "vit_small", "--optimizer", "lars"]) == ("lars", 0.6, 1e-6, 40, 0.2)  # lr, wd follow the optimizer
+    assert resolved(["--arch", "vit_small", "--optimizer", "lars"]) == ("lars", 0.3, 1e-6, 40, 0.2)  # lr, wd follow the optimizer
+    # MoCo v3's schedules: 100 epochs for ResNets, 300 for ViTs; LARS at 0.3 from 300 epochs on
+    assert [mocov3.parse_args(a).epochs for a in ([], ["--arch", "vit_small"], ["--arch", "vit_base", "--epochs", "7"])] == [100, 300, 7]
+    assert resolved(["--epochs", "300"])[1] == 0.3 and resolved(["--epochs", "299"])[1] == 0.6
     assert resolved(["--arch", "vit_small", "--lr", "0", "--wd", "0", "--warmup-epochs", "0", "--temperature", "0.1"]) == (
         "adamw", 0.0, 0.0, 0, 0.1)  # explicit values, zeros included, are kept
     args = mocov3.parse_args([])
@@ -240,3 +243,11 @@ def test_vit_heads_and_frozen_patch_projection_and_position_embedding(vit):
     optimizer.step()
     assert all(torch.equal(w, b) for w, b in zip(frozen, before))
     assert not torch.equal(source.backbone.class_token, before[-1])  # the rest trains
+
+
+def test_gathered_targets_are_detached_on_one_process_as_on_several():
+    """concat_all_gather is the no-gradient gather at every world size: the loss never reaches z."""
+    p, z = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    assert not mocov3.concat_all_gather(z).requires_grad
+    mocov3.contrastive_loss(p, z, 0.2).backward()
+    assert z.grad is None and p.grad.abs().sum() > 0

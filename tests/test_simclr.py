@@ -43,6 +43,22 @@ def mean(losses):
     return sum(losses) / len(losses)
 
 
+def official_loss(z1, z2, t=T, large_num=1e9):
+    """A transcription of the original SimCLR loss (add_contrastive_loss of google-research/simclr,
+    one replica): l2-normalised halves; logits_aa / logits_bb with the anchor itself masked by a
+    large number; loss_a + loss_b, each the mean cross-entropy over the N images."""
+    h1, h2 = nn.functional.normalize(z1, dim=1), nn.functional.normalize(z2, dim=1)
+    n = len(h1)
+    labels = torch.arange(n)
+    masks = torch.eye(n)
+    logits_aa = h1 @ h1.T / t - masks * large_num
+    logits_bb = h2 @ h2.T / t - masks * large_num
+    logits_ab, logits_ba = h1 @ h2.T / t, h2 @ h1.T / t
+    loss_a = nn.functional.cross_entropy(torch.cat([logits_ab, logits_aa], 1), labels)
+    loss_b = nn.functional.cross_entropy(torch.cat([logits_ba, logits_bb], 1), labels)
+    return loss_a + loss_b
+
+
 def encodings(n=4, d=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
@@ -68,13 +84,14 @@ def test_nt_xent_target_gets_no_gradient_source_gets_both_roles():
     assert torch.allclose(q.grad, q_hand.grad, atol=1e-6)
 
 
-def test_nt_xent_sym_by_hand():
+def test_nt_xent_sym_is_the_original_loss_at_its_scale():
     z1, z2 = encodings(seed=1)
     z1.requires_grad_(), z2.requires_grad_()
     loss = simclr.nt_xent_sym(z1, z2, T)
     h1, h2 = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
-    expected = mean(by_hand_sym(h1, h2))
+    expected = official_loss(h1, h2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(2 * mean(by_hand_sym(z1.detach(), z2.detach())).item(), rel=1e-5)
     loss.backward(), expected.backward()
     assert torch.allclose(z1.grad, h1.grad, atol=1e-6) and torch.allclose(z2.grad, h2.grad, atol=1e-6)
     assert z2.grad.abs().sum() > 0  # gradients through both views
@@ -133,13 +150,39 @@ def test_sym_step_is_the_original_simclr_on_the_source():
     batch = {"source": torch.randn(3, 1, 2, 2), "target": torch.randn(3, 1, 2, 2)}
     loss, _, _ = simclr.train_step(source, target, batch, step_args(sym=True))
     W = source.projector.weight
-    expected = mean(by_hand_sym([W @ x.flatten() for x in batch["source"]], [W @ x.flatten() for x in batch["target"]]))
+    expected = official_loss(torch.stack([W @ x.flatten() for x in batch["source"]]),
+                             torch.stack([W @ x.flatten() for x in batch["target"]]))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     grad = W.grad.clone()
     W.grad = None
     expected.backward()  # gradients through both views
     assert torch.allclose(grad, W.grad, atol=1e-5)
+
+
+class CenterBatch(nn.Module):
+    """A stand-in encoder whose outputs depend on the batch it sees (as BN's do): x minus the batch mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.projector = nn.Linear(4, 3, bias=False)
+        self.batches = []
+
+    def forward(self, views):
+        self.batches += [len(x) for x in views]
+        return [self.projector(x.flatten(1) - x.flatten(1).mean(0)) for x in views]
+
+
+def test_sym_views_share_one_batch_as_the_original():
+    """The original SimCLR encodes the 2N views of a batch in one forward (one BN batch)."""
+    torch.manual_seed(2)
+    source, target = CenterBatch(), CenterBatch()
+    batch = {"source": torch.randn(3, 1, 2, 2), "target": torch.randn(3, 1, 2, 2)}
+    loss, _, _ = simclr.train_step(source, target, batch, step_args(sym=True))
+    assert source.batches == [6] and target.batches == []
+    both = torch.cat([batch["source"], batch["target"]]).flatten(1)
+    z = source.projector(both - both.mean(0))
+    assert loss.item() == pytest.approx(official_loss(z[:3], z[3:]).item(), rel=1e-5)
 
 
 # ---- the encoders ------------------------------------------------------------------------------
@@ -200,10 +243,10 @@ def test_labels_offset_by_rank_and_gradients_pass_the_gather(two):
     for r in range(2):  # rank r's anchors are the global images 4r..4r+3 (both views under --sym)
         assert two[r]["loss"].item() == pytest.approx(mean(per_anchor[4 * r:4 * r + 4]).item(), rel=1e-5)
         mine = per_anchor_sym[4 * r:4 * r + 4] + per_anchor_sym[8 + 4 * r:8 + 4 * r + 4]
-        assert two[r]["loss_sym"].item() == pytest.approx(mean(mine).item(), rel=1e-5)
+        assert two[r]["loss_sym"].item() == pytest.approx(2 * mean(mine).item(), rel=1e-5)
     # DDP averages the processes' gradients: (grad of rank 0 + grad of rank 1) / 2 == one process's
     mean(per_anchor).backward()
-    mean(per_anchor_sym).backward()
+    (2 * mean(per_anchor_sym)).backward()
     assert torch.allclose(torch.cat([r["q_grad"] for r in two]) / 2, q.grad, atol=1e-6)
     assert torch.allclose(torch.cat([r["z1_grad"] for r in two]) / 2, z1.grad, atol=1e-6)
     assert torch.allclose(torch.cat([r["z2_grad"] for r in two]) / 2, z2.grad, atol=1e-6)
