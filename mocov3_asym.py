@@ -21,10 +21,16 @@ Examples:
     torchrun --nproc_per_node=8 mocov3_asym.py --data /path/to/imagenet --arch vit_small --batch-size 1024 --asym-bn
 """
 import argparse
+import datetime
+import fcntl
 import json
 import math
 import os
+import shutil
+import signal
+import socket
 import sys
+import tempfile
 import time
 
 import torch
@@ -107,7 +113,14 @@ def parse_args(argv=None):
     g.add_argument("--mean-enc-source", type=int, default=1, metavar="N", help="MeanEnc on the source: N source views averaged")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/mocov3_asym", help="checkpoints and log.jsonl")
-    g.add_argument("--resume", default="auto", help="auto (output-dir/checkpoint.pth if present) | none | a checkpoint path")
+    g.add_argument("--resume", default="auto",
+                   help="auto (output-dir/checkpoint.pth if present) | none (start afresh) | a checkpoint to start from "
+                        "(output-dir/checkpoint.pth, once there, wins: a requeued command continues its own run)")
+    g.add_argument("--resume-anyway", action="store_true",
+                   help="resume even though the command changes flags of the checkpoint's run (listed otherwise as an error)")
+    g.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps (0: at epoch ends only)")
+    g.add_argument("--dist-timeout", type=float, default=10,
+                   help="minutes a process waits for the others (a hung or dead process) before the run stops with an error")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: run all epochs); the schedule is unchanged")
     g.add_argument("--print-freq", type=int, default=50, help="log every N steps")
@@ -171,14 +184,16 @@ def train_loader(train_set, epoch, skip_batches, args):
     return torch.utils.data.DataLoader(
         train_set, batch_size=local_batch, sampler=list(sampler)[skip_batches * local_batch:],
         num_workers=args.workers, collate_fn=augment.collate_views, pin_memory=torch.cuda.is_available(),
-        drop_last=True)
+        drop_last=True, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(args.seed))  # its own: the global RNG stays the model's
 
 
 def eval_loader(dataset, args):
     """This process's shard (every world_size-th image) of a data set, in eval views."""
     shard = torch.utils.data.Subset(dataset, range(rank(), len(dataset), world_size()))
     return torch.utils.data.DataLoader(shard, batch_size=max(args.batch_size // world_size(), 64),
-                                       num_workers=args.workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
 
 
 # =============================================================================================
@@ -552,43 +567,146 @@ def make_optimizer(source, args):
 
 
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write to a temporary file of its own, then rename: a crash mid-write never leaves a broken
+    checkpoint, and a failed write (a full disk) leaves the previous file as it was."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_checkpoint(path, source, target, optimizer, scaler, args, steps_per_epoch):
-    """Restore everything from `path`; -> the step to continue from. Bad files raise InputError."""
+def non_finite(tree, prefix=""):
+    """The names of the floating-point tensors holding NaN or infinity in a nest of dicts and lists."""
+    if isinstance(tree, torch.Tensor):
+        return [prefix] if tree.is_floating_point() and not bool(tree.isfinite().all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [name for key, value in items for name in non_finite(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+# Flags that may differ when a run resumes: where it writes, how it is watched, how fast it runs.
+# Every other flag changes the run, so a difference stops the resume (unless --resume-anyway).
+RESUMABLE_FLAGS = ("output_dir", "resume", "resume_anyway", "workers", "print_freq", "knn_every", "knn_k", "knn_t",
+                   "max_steps", "save_every", "dist_timeout", "compile", "data_root", "epochs")
+
+
+def changed_flags(saved, args):
+    """The flags of `args` that change the run and differ from the checkpoint's (--epochs may grow)."""
+    changed = [k for k, v in vars(args).items() if k in saved and k not in RESUMABLE_FLAGS and saved[k] != v]
+    if args.epochs < saved.get("epochs", args.epochs):
+        changed.append("epochs")
+    return [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in changed]
+
+
+def read_checkpoint(path, args, steps_per_epoch):
+    """The checkpoint at `path`, checked before anything is loaded from it: weights only, every tensor
+    finite, the same run (flags, steps per epoch). Problems raise InputError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        source.load_state_dict(ckpt["source"])
-        target.load_state_dict(ckpt["target"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
     except Exception as e:
-        detail = " ".join(str(e).split())[:300]  # one line, e.g. the first mismatching key
+        detail = " ".join(str(e).split())[:300]  # one line, e.g. the first unsupported global
         raise augment.InputError(f"cannot resume from {path}: {type(e).__name__}: {detail}") from None
+    bad = non_finite(ckpt)
+    if bad:
+        raise augment.InputError(f"cannot resume from {path}: non-finite values in {len(bad)} tensors ({', '.join(bad[:3])})")
     if ckpt["steps_per_epoch"] != steps_per_epoch:
         raise augment.InputError(f"cannot resume from {path}: it has {ckpt['steps_per_epoch']} steps per epoch, "
                                  f"this run {steps_per_epoch} (other --batch-size or --data?)")
+    changed = changed_flags(ckpt["args"], args)
+    if changed and not args.resume_anyway:
+        raise augment.InputError(f"cannot resume from {path}: this command changes its run ({', '.join(changed)}); "
+                                 f"pass --resume-anyway if that is intended")
+    return ckpt
+
+
+def restore(ckpt, path, state):
+    """Load every part of `state` (name -> module or optimizer) and the random state; -> the step."""
+    try:
+        for name, part in state.items():
+            part.load_state_dict(ckpt[name])
+    except Exception as e:
+        detail = " ".join(str(e).split())[:300]  # one line, e.g. the first mismatching key
+        raise augment.InputError(f"cannot resume from {path}: {type(e).__name__}: {detail}") from None
     torch.set_rng_state(ckpt["rng"]["torch"])
     if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])  # rank 0's, on every process
     return ckpt["step"]
 
 
-def save_checkpoint(args, step, steps_per_epoch, source, target, optimizer, scaler):
-    """output-dir/checkpoint.pth (everything, to resume) and backbone.pth (torchvision keys, no fc)."""
+def on_disk(args):
+    """What the output directory holds now, read back from the file, for messages."""
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return f"{path} holds step {ckpt['step']} (epoch {ckpt['epoch']:.2f})"
+    except FileNotFoundError:
+        return f"no checkpoint was written to {args.output_dir}"
+    except Exception:
+        return f"{path} cannot be read back"
+
+
+def save_checkpoint(args, step, steps_per_epoch, state, control):
+    """output-dir/backbone.pth (torchvision keys, no fc), then checkpoint.pth (everything, to resume),
+    written by rank 0 once every process has found its whole state finite; -> the step saved. The
+    backbone goes first: a kill between the two renames leaves the older checkpoint, and the rerun
+    from it writes both again."""
+    ckpt = {"step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": vars(args),
+            **{name: part.state_dict() for name, part in state.items()},
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    bad = non_finite(ckpt)
+    failure = FloatingPointError(f"training diverged by step {step}: non-finite values in {len(bad)} tensors "
+                                 f"({', '.join(bad[:3])}); nothing saved, {on_disk(args)}") if bad else None
+    agree(False, failure, control)
+    if rank() == 0:
+        backbone = {k[len("backbone."):]: v for k, v in ckpt["source"].items() if k.startswith("backbone.")}
+        try:
+            save_atomic(backbone, os.path.join(args.output_dir, "backbone.pth"))
+            save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pth"))
+        except OSError as e:  # a full disk, a lost mount
+            failure = augment.InputError(f"cannot save to {args.output_dir}: {e.strerror or e}; {on_disk(args)}")
+    agree(False, failure, control)
+    return step
+
+
+def lock_output_dir(args):
+    """Rank 0: create the output directory and take its lock for the run (one training per directory:
+    a second one stops with the first one's pid and host). -> the open lock file (closing releases it)."""
+    if rank() != 0:
+        return None
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock = open(os.path.join(args.output_dir, "lock"), "a+")
+    except OSError as e:
+        raise augment.InputError(f"cannot write to --output-dir {args.output_dir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise augment.InputError(f"--output-dir {args.output_dir} is in use by {holder}: one training per directory") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def check_room(args, state):
+    """Rank 0: the output directory must have room for two checkpoints (the atomic save writes the new
+    one beside the old), the optimizer's buffers (made at its first step) counted as two per weight."""
     if rank() != 0:
         return
-    save_atomic({
-        "step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": vars(args),
-        "source": source.state_dict(), "target": target.state_dict(),
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-    }, os.path.join(args.output_dir, "checkpoint.pth"))
-    save_atomic(source.backbone.state_dict(), os.path.join(args.output_dir, "backbone.pth"))
+    tensors = [t for part in state.values() for t in part.state_dict().values() if isinstance(t, torch.Tensor)]
+    weights = list(state["source"].parameters())
+    need = 2 * sum(t.numel() * t.element_size() for t in tensors + weights + weights)
+    free = shutil.disk_usage(args.output_dir).free
+    if free < need:
+        raise augment.InputError(f"--output-dir {args.output_dir} has {free / 2**20:.0f} MiB free; "
+                                 f"two checkpoints need {need / 2**20:.0f} MiB")
 
 
 @torch.no_grad()
@@ -640,19 +758,129 @@ def knn_accuracy(backbone, bank_loader, test_loader, device, args):
     return (scores.argmax(1) == test_labels).float().mean().item() * 100
 
 
-def check_finite(loss_value, source, step, args):
-    """Stop on a NaN or infinite loss or weight, before it reaches a checkpoint."""
-    weights_finite = bool(torch.stack([p.isfinite().all() for p in source.parameters()]).all())
-    if not (math.isfinite(loss_value) and weights_finite):
-        raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}, finite weights: {weights_finite}); "
-                                 f"stopped without saving, the last good checkpoint in {args.output_dir} is intact")
-
-
-def log(args, stats):
+def log(args, stats, redo_until=0):
+    """Print and append to output-dir/log.jsonl (rank 0). Steps up to redo_until were logged before an
+    interruption and run again after the resume: their records say "redo": true."""
     if rank() == 0:
+        stats = {**stats, "redo": True} if 0 < stats.get("step", 0) <= redo_until and "resumed" not in stats else stats
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()), flush=True)
         with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(stats) + "\n")
+
+
+def last_logged_step(args):
+    """The highest step in output-dir/log.jsonl (0 if none)."""
+    try:
+        with open(os.path.join(args.output_dir, "log.jsonl")) as f:
+            return max([json.loads(line).get("step", 0) for line in f if line.strip()], default=0)
+    except (OSError, ValueError):
+        return 0
+
+
+# ---- one run over many processes: stop together, fail together, with one clear line ---------------
+EXIT_STOPPED = 3  # the exit code after a stop signal: the checkpoint is saved; the same command continues
+
+
+class Stopped(Exception):
+    """A stop signal reached a process; every process saved and stopped."""
+
+
+class RunFailed(Exception):
+    """Some process failed; raised on every process. failures: {rank: (exit code, message)}."""
+
+    def __init__(self, failures):
+        super().__init__("; ".join(message for _, message in failures.values()))
+        self.failures = failures
+
+
+def one_line(e):
+    """An exception as one line: its message's last line (a data worker's error arrives with its traceback)."""
+    return (str(e).strip() or type(e).__name__).splitlines()[-1].split("InputError: ")[-1]
+
+
+def lost_contact(e):
+    """Whether a collective's error says another process is gone or hung (gloo's words; NCCL aborts instead)."""
+    return any(words in str(e) for words in ("Timed out", "timed out", "Connection closed", "pair closure", "Connection reset"))
+
+
+def agree(stop, failure, control):
+    """Every process's news at this point of the loop, in one small all-reduce on the CPU (the control
+    group, gloo): -> True on every process if any was asked to stop; if any failed (failure: its
+    exception), RunFailed on every process, with each failed process's message. (A process that is
+    gone or hung makes the collective fail after --dist-timeout: see main.)"""
+    status = torch.tensor([2 if failure is not None else 1 if stop else 0])
+    mine = None if failure is None else (2 if isinstance(failure, augment.InputError) else 1, one_line(failure))
+    failures = [mine]
+    if world_size() > 1:
+        dist.all_reduce(status, op=dist.ReduceOp.MAX, group=control)
+        if status.item() == 2:
+            failures = [None] * world_size()
+            dist.all_gather_object(failures, mine, group=control)
+    if status.item() < 2:
+        return bool(status.item())
+    raise RunFailed({r: f for r, f in enumerate(failures) if f is not None})
+
+
+def control_group():
+    """The process group of the loop's agreements: gloo, so they never wait for the GPU."""
+    if world_size() == 1:
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def guarded(loader):
+    """The loader's batches as (batch, None); if loading fails (a corrupt image), (None, the exception)
+    once, so that the failure can be agreed on with the other processes instead of hanging them."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch, _ = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            yield None, e
+            return
+        yield batch, None
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopSignals:
+    """While active: SIGTERM, SIGUSR1 and SIGINT (a scheduler's warning before it kills a job, or ^C)
+    ask the loop to save and stop after the current step; a second one acts as usual. A process whose
+    launcher died (SIGUSR1 kills torchrun's agent) is asked too, instead of training on as an orphan."""
+
+    def __enter__(self):
+        self.received, self.parent = None, os.getppid()
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def pending(self):
+        if self.received is None and "TORCHELASTIC_RUN_ID" in os.environ and os.getppid() != self.parent:
+            self.received = "the launcher's exit"
+        return self.received
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """Data workers leave the stop signals to the training process, which stops them when it is done."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def divergence(loss_value, step, args):
+    """-> FloatingPointError if the loss is NaN or infinite, else None (each save checks the whole state)."""
+    if math.isfinite(loss_value):
+        return None
+    return FloatingPointError(f"training diverged at step {step} (loss {loss_value}); {on_disk(args)}")
 
 
 def check_args(args, train_set):
@@ -671,9 +899,11 @@ def check_args(args, train_set):
             problems.append("--cifar-stem is for ResNets, not ViTs")
     if not 0 < args.crop_min <= 1:
         problems.append(f"--crop-min {args.crop_min} must be in (0, 1]")
+    if args.temperature <= 0:
+        problems.append(f"--temperature {args.temperature} must be positive")
     if args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    elif local % args.bn_splits or local // args.bn_splits < 2:
+    elif args.bn_splits < 1 or local % args.bn_splits or local // args.bn_splits < 2:
         problems.append(f"the per-process batch {local} must split into --bn-splits {args.bn_splits} groups of 2 or more")
     if len(train_set) < args.batch_size:
         problems.append(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
@@ -681,91 +911,142 @@ def check_args(args, train_set):
         problems.append(f"--syncbn-group-size {args.syncbn_group_size} does not divide the {world} processes")
     if args.mean_enc < 1 or args.mean_enc_source < 1 or args.multicrop < 0:
         problems.append("--mean-enc, --mean-enc-source and --multicrop must be positive")
+    if args.image_size < 16:
+        problems.append(f"--image-size {args.image_size} is too small: 16 or more (MultiCrop's crops are smaller still)")
+    if args.epochs < 1 or args.batch_size < 1:
+        problems.append("--epochs and --batch-size must be 1 or more")
+    if args.lr < 0 or args.wd < 0:
+        problems.append("--lr and --wd must not be negative")
+    if args.save_every < 0 or args.dist_timeout <= 0 or args.print_freq < 1:
+        problems.append("--save-every must not be negative, --dist-timeout and --print-freq must be positive")
     if problems:
         raise augment.InputError("; ".join(problems))
 
 
-def train(args):
-    if "WORLD_SIZE" in os.environ:  # torchrun: env:// rendezvous
+def init_distributed(args):
+    """torchrun (env://): one process per GPU (NCCL) or per CPU share (gloo); -> this process's device."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=args.dist_timeout)
         if torch.cuda.is_available():  # one GPU per process, named so NCCL need not guess it
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            dist.init_process_group("gloo", timeout=timeout)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resume_path(args):
+    """The checkpoint to continue from: the output directory's own if there is one (a requeued command
+    continues where it stopped, whatever --resume names), else --resume PATH; None to start afresh."""
+    own = os.path.join(args.output_dir, "checkpoint.pth")
+    if args.resume == "none":
+        if os.path.exists(own):
+            raise augment.InputError(f"--resume none, but {own} exists: remove it or choose another --output-dir")
+        return None
+    if os.path.exists(own):
+        return own
+    if args.resume != "auto" and not os.path.exists(args.resume):
+        raise augment.InputError(f"--resume {args.resume}: no such file")
+    return None if args.resume == "auto" else args.resume
+
+
+def train(args):
+    device = init_distributed(args)
+    control = control_group()
     if args.amp == "auto":
         args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     torch.backends.cudnn.benchmark = True
 
-    train_set, bank_set, test_set = make_datasets(args)
-    check_args(args, train_set)
-    os.makedirs(args.output_dir, exist_ok=True)
+    # Inputs, output directory and checkpoint are checked on every process before any work; a problem
+    # on any of them stops all of them with its message (agree), instead of hanging the others.
+    lock, failure = None, None
+    try:
+        train_set, bank_set, test_set = make_datasets(args)
+        check_args(args, train_set)
+        steps_per_epoch = len(train_set) // args.batch_size
+        resume = resume_path(args)
+        ckpt = read_checkpoint(resume, args, steps_per_epoch) if resume else None
+        lock = lock_output_dir(args)
+    except augment.InputError as e:
+        failure = e
+    agree(False, failure, control)
     source, target = build_encoders(args, device)
+    optimizer = make_optimizer(source, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    state = {"source": source, "target": target, "optimizer": optimizer, "scaler": scaler}
+    step = 0
+    try:
+        check_room(args, state)
+        step = restore(ckpt, resume, state) if ckpt else 0
+    except augment.InputError as e:
+        failure = e
+    agree(False, failure, control)
     source_ddp = nn.parallel.DistributedDataParallel(source) if world_size() > 1 else source
     source_forward, target_forward = source_ddp, target
     if args.compile:  # compiled forwards; the weights, optimizer and checkpoints stay those of source and target
         source_forward, target_forward = (torch.compile(m, backend=args.compile) for m in (source_ddp, target))
-    optimizer = make_optimizer(source, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     peak_lr = args.lr * args.batch_size / 256
-
-    step = 0
-    resume = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    if resume != "none" and os.path.exists(resume):
-        step = load_checkpoint(resume, source, target, optimizer, scaler, args, steps_per_epoch)
-        log(args, {"resumed": resume, "step": step})
-    elif args.resume not in ("auto", "none"):
-        raise augment.InputError(f"--resume {args.resume}: no such file")
+    saved_step, redo_until = step, last_logged_step(args) if step else 0
+    if step:
+        log(args, {"resumed": resume, "step": step, "redo_until": redo_until})
     bank_loader, test_loader = eval_loader(bank_set, args), eval_loader(test_set, args)
     last_step = min(total_steps, args.max_steps or total_steps)
-    if step == 0 and args.knn_every > 0:  # the initial encoder's accuracy: the reference to beat
-        log(args, {"epoch": 0.0, "step": 0, "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
 
-    while step < last_step:
-        window_start, window_steps, data_time = time.time(), 0, 0.0
-        tick = time.time()
-        for batch, _ in train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            batch = augment.finish_views(batch)  # --gpu-aug: the views' colour operations, here on the device
-            if args.channels_last:
-                batch = {k: v.to(memory_format=torch.channels_last) for k, v in batch.items()}
-            data_time += time.time() - tick
-            lr = learning_rate(step, total_steps, args.warmup_epochs * steps_per_epoch, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, args):
-                loss, p, z = train_step(source_forward, target_forward, batch, args)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            ema = target_momentum(step, total_steps, args.ema)
-            momentum_update(target, source, ema)
-            step += 1
-            window_steps += 1
-            if step % args.print_freq == 0 or step == last_step or step % steps_per_epoch == 0:
-                loss_value = loss.item()  # also waits for the GPU, so the window's times are real
-                check_finite(loss_value, source, step, args)  # runs at every epoch end: guards the save below
-                elapsed = time.time() - window_start
-                log(args, {"epoch": step / steps_per_epoch, "step": step, "loss": loss_value, "lr": lr,
-                           "ema": ema, "data_time": data_time / window_steps,
-                           "step_time": elapsed / window_steps, "images_per_s": args.batch_size * window_steps / elapsed,
-                           "std_source": simsiam_std(p), "std_target": simsiam_std(z)})
-                window_start, window_steps, data_time = time.time(), 0, 0.0
-            if step == last_step:
-                break
+    with StopSignals() as signals:
+        if step == 0 and args.knn_every > 0:  # the initial encoder's accuracy: the reference to beat
+            log(args, {"epoch": 0.0, "step": 0, "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
+        while step < last_step:
+            window_start, window_steps, data_time = time.time(), 0, 0.0
             tick = time.time()
-        save_checkpoint(args, step, steps_per_epoch, source, target, optimizer, scaler)
-        done = step == last_step
-        if args.knn_every >= 0 and (done or (args.knn_every and step % (args.knn_every * steps_per_epoch) == 0)):
-            log(args, {"epoch": step / steps_per_epoch, "step": step,
-                       "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
+            for batch, failure in guarded(train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args)):
+                if agree(signals.pending(), failure, control):  # a stop signal reached some process
+                    if step != saved_step:
+                        save_checkpoint(args, step, steps_per_epoch, state, control)
+                    raise Stopped(f"{signals.pending() or 'a signal to another process'} at step {step}: {on_disk(args)}; "
+                                  f"the same command continues from there")
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = augment.finish_views(batch)  # --gpu-aug: the views' colour operations, here on the device
+                if args.channels_last:
+                    batch = {k: v.to(memory_format=torch.channels_last) for k, v in batch.items()}
+                data_time += time.time() - tick
+                lr = learning_rate(step, total_steps, args.warmup_epochs * steps_per_epoch, peak_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast(device, args):
+                    loss, p, z = train_step(source_forward, target_forward, batch, args)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                ema = target_momentum(step, total_steps, args.ema)
+                momentum_update(target, source, ema)
+                step += 1
+                window_steps += 1
+                if step % args.print_freq == 0 or step == last_step or step % steps_per_epoch == 0:
+                    loss_value = loss.item()  # also waits for the GPU, so the window's times are real
+                    agree(False, divergence(loss_value, step, args), control)
+                    elapsed = time.time() - window_start
+                    log(args, {"epoch": step / steps_per_epoch, "step": step, "loss": loss_value, "lr": lr,
+                               "ema": ema, "data_time": data_time / window_steps,
+                               "step_time": elapsed / window_steps, "images_per_s": args.batch_size * window_steps / elapsed,
+                               "std_source": simsiam_std(p), "std_target": simsiam_std(z)}, redo_until)
+                    window_start, window_steps, data_time = time.time(), 0, 0.0
+                if step == last_step or step % steps_per_epoch == 0:
+                    break
+                if args.save_every and step % args.save_every == 0:
+                    saved_step = save_checkpoint(args, step, steps_per_epoch, state, control)
+                tick = time.time()
+            saved_step = save_checkpoint(args, step, steps_per_epoch, state, control)
+            done = step == last_step
+            if args.knn_every >= 0 and (done or (args.knn_every and step % (args.knn_every * steps_per_epoch) == 0)):
+                log(args, {"epoch": step / steps_per_epoch, "step": step,
+                           "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)}, redo_until)
+    if lock:
+        lock.close()
     if dist.is_initialized():
         dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
-        dist.destroy_process_group()
 
 
 # =============================================================================================
@@ -773,13 +1054,32 @@ def train(args):
 # =============================================================================================
 def main(argv=None):
     args = parse_args(argv)
+    code = 0
     try:
         train(args)
-    except (augment.InputError, FloatingPointError) as e:  # from this process or a data worker
-        if rank() == 0:  # a worker's error arrives as its traceback: keep its last line, the message
-            message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, augment.InputError) else 1)
+    except Stopped as e:
+        if rank() == 0:
+            print(f"stopped by {e}", file=sys.stderr, flush=True)
+        code = EXIT_STOPPED
+    except RunFailed as e:  # every process has it; rank 0 prints each message once, with the ranks that had it
+        by_message = {}
+        for r, (exit_code, message) in sorted(e.failures.items()):
+            by_message.setdefault(message, []).append(r)
+        if rank() == 0:
+            for message, ranks in by_message.items():
+                where = "" if world_size() == 1 or len(ranks) == world_size() else f" (rank {', '.join(map(str, ranks))})"
+                print(f"error{where}: {message}", file=sys.stderr, flush=True)
+        code = max(exit_code for exit_code, _ in e.failures.values())
+    except RuntimeError as e:  # a collective gave up: another process died or hung past --dist-timeout
+        if not (dist.is_initialized() and lost_contact(e)):
+            raise
+        print(f"error (rank {rank()}): lost contact with the other processes ({one_line(e)})", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

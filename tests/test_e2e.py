@@ -63,9 +63,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
     args = FAST + ["--data", folder, "--batch-size", "8", "--output-dir", str(tmp_path)]  # 6 steps an epoch
     run_script(SCRIPT, args + ["--max-steps", "2"])
     before = digest(tmp_path / "checkpoint.pth")
-    proc = run_script(SCRIPT, args + ["--lr", "1e30", "--max-steps", "5"], check=False)
+    proc = run_script(SCRIPT, args + ["--lr", "1e30", "--max-steps", "5", "--resume-anyway"], check=False)
     assert proc.returncode == 1
-    assert "error: training diverged at step" in proc.stderr
+    assert f"error: training diverged at step" in proc.stderr and f"{tmp_path}/checkpoint.pth holds step 2 " in proc.stderr
     assert digest(tmp_path / "checkpoint.pth") == before
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["source"].values() if v.is_floating_point())

@@ -127,6 +127,11 @@ def test_bad_input_is_one_error_line_before_work(script, other_checkpoint, tmp_p
     assert "no such directory" in error_line(script, small(script) + ["--data", "/nonexistent/images"] + out, capsys)
     assert "larger than the 5000 training images" in error_line(script, small(script) + ["--batch-size", "6000"] + out, capsys)
     assert "--bn-splits 16" in error_line(script, small(script) + ["--bn-splits", "16"] + out, capsys)
+    assert "--image-size 0 is too small" in error_line(script, small(script) + ["--image-size", "0"] + out, capsys)
+    assert "--lr and --wd must not be negative" in error_line(script, small(script) + ["--lr", "-1"] + out, capsys)
+    assert "--epochs and --batch-size must be 1 or more" in error_line(script, small(script) + ["--epochs", "0"] + out, capsys)
+    if hasattr(module(script).parse_args([]), "temperature"):
+        assert "--temperature 0.0 must be positive" in error_line(script, small(script) + ["--temperature", "0"] + out, capsys)
     if script != "mocov2_asym.py":
         assert "cannot resume from" in error_line(script, small(script) + ["--resume", str(other_checkpoint)] + out, capsys)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
