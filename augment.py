@@ -80,11 +80,206 @@ class GaussianBlur(torch.nn.Module):
         return torch.from_numpy(np.array(blurred)).permute(2, 0, 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# StrongerAug's RandAugment: the official code's timm rand_augment_transform("rand-m10-n2-mstd0.5")
+# ---------------------------------------------------------------------------------------------
+# Two ops per image, drawn uniformly with replacement from RA_OPS; each is applied with p 0.5 at
+# a magnitude m ~ N(10, 0.5) clipped to [0, 10], i.e. at level l = m / 10 (m10 is timm's maximum,
+# not a third of torchvision's range). Every op reproduces PIL's, as timm calls it, on uint8
+# CxHxW tensors: invert, posterize, solarize, equalize, brightness and sharpness are torchvision's
+# v2 ops (equal to PIL's to the bit); colour, contrast and autocontrast follow PIL's own rounding
+# (torchvision's grey levels differ from PIL's by one on a third of the pixels); the geometric ops
+# are PIL's affine resampling (pil_affine). The randomness comes from the torch RNG, which
+# SeededDataset seeds per sample, in timm's order: ops, then per op p, magnitude, sign, resampling.
+RA_FILL = 128  # timm's grey fill (128, 128, 128) for the geometric ops
+
+
+def pil_grayscale(x):
+    """uint8 3xHxW -> int32 1xHxW luma as PIL's convert("L"): ITU-R 601-2 in 16-bit fixed point, rounded."""
+    r, g, b = x.int().unbind(-3)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(-3)
+
+
+def pil_blend(degenerate, image, factor):
+    """PIL's Image.blend(degenerate, image, factor), which ImageEnhance uses: degenerate +
+    factor (image - degenerate) in float32, clipped to [0, 255] and truncated."""
+    degenerate = degenerate.float()
+    return (degenerate + factor * (image.float() - degenerate)).clamp(0, 255).to(torch.uint8)
+
+
+def pil_color(x, factor):
+    """ImageEnhance.Color: blend with the image's grey version (PIL's luma, not torchvision's)."""
+    return pil_blend(pil_grayscale(x), x, factor)
+
+
+def pil_contrast(x, factor):
+    """ImageEnhance.Contrast: blend with a flat image at the mean luma, rounded to an integer."""
+    mean = int(pil_grayscale(x).double().mean().item() + 0.5)
+    return pil_blend(torch.full_like(x, mean), x, factor)
+
+
+def pil_autocontrast(x):
+    """ImageOps.autocontrast: each channel's [lo, hi] stretched to [0, 255] by PIL's table,
+    int(i * scale + offset), scale = 255 / (hi - lo), offset = -lo * scale, in Python floats (float64,
+    as PIL: torch's scalar / tensor is a reciprocal and a product, off by one ulp); a flat channel is
+    left alone."""
+    tables = []
+    for lo, hi in zip(x.amin((-2, -1)).tolist(), x.amax((-2, -1)).tolist()):
+        if hi <= lo:
+            tables.append(torch.arange(256, dtype=torch.float64))
+            continue
+        scale = 255.0 / (hi - lo)
+        tables.append((torch.arange(256, dtype=torch.float64) * scale + -lo * scale).trunc().clamp(0, 255))
+    return torch.stack(tables).to(torch.uint8).gather(1, x.flatten(-2).long()).view_as(x)
+
+
+def solarize_add(x, addition, threshold=128):
+    """timm's solarize_add: pixels below the threshold get `addition` more, clipped to 255."""
+    return torch.where(x < threshold, (x.int() + addition).clamp(max=255).to(torch.uint8), x)
+
+
+def pil_affine(x, matrix, resample, fill=RA_FILL):
+    """PIL's Image.transform(size, AFFINE, matrix, resample, fillcolor=fill) on uint8 CxHxW, to the bit.
+    Output pixel (row i, column j) samples the input at (a x + b y + c, d x + e y + f), (x, y) =
+    (j + 0.5, i + 0.5): coordinates of pixel edges, so shears are about the top-left corner. A sample
+    point outside [0, W) x [0, H) gets the fill; one inside is interpolated from edge-clamped
+    neighbours, bilinear or by PIL's cubic convolution (a = -1: sharper than torch's -0.75), and
+    truncated to uint8. torchvision's affine differs in all three (centre convention aside): it
+    blends the fill into border pixels, uses a = -0.75 and rounds."""
+    channels, height, width = x.shape
+    a, b, c, d, e, f = matrix
+    rows = torch.arange(height, dtype=torch.float64).view(-1, 1) + 0.5
+    cols = torch.arange(width, dtype=torch.float64).view(1, -1) + 0.5
+    source_x, source_y = a * cols + b * rows + c, d * cols + e * rows + f  # HxW each, float64 as PIL
+    inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
+    u, v = source_x - 0.5, source_y - 0.5  # in pixel-centre units
+    u0, v0 = u.floor(), v.floor()
+    du, dv = (u - u0).flatten(), (v - v0).flatten()  # H*W
+    taps = (0, 1) if resample == "bilinear" else (-1, 0, 1, 2)
+    columns = [(u0 + t).clamp(0, width - 1).long().flatten() for t in taps]  # edge-clamped neighbours
+    row_starts = [(v0 + t).clamp(0, height - 1).long().flatten() * width for t in taps]
+    pixels = x.reshape(channels, -1)
+
+    def interpolate(values, t):  # PIL's BILINEAR and BICUBIC macros, in their order of operations
+        if len(values) == 2:
+            return values[0] + (values[1] - values[0]) * t
+        v1, v2, v3, v4 = values
+        p1, p2, p3, p4 = v2, -v1 + v3, 2 * (v1 - v2) + v3 - v4, -v1 + v2 - v3 + v4
+        return p1 + t * (p2 + t * (p3 + t * p4))
+
+    def row(start):  # one row of neighbours interpolated along x: Cx(H*W)
+        return interpolate([pixels.gather(1, (start + column).expand(channels, -1)).double() for column in columns], du)
+
+    sampled = interpolate([row(start) for start in row_starts], dv).clamp(0, 255).to(torch.uint8)  # truncates
+    return torch.where(inside, sampled.view_as(x), torch.tensor(fill, dtype=torch.uint8))
+
+
+def pil_rotate(x, degrees, resample):
+    """Image.rotate(degrees, resample, fillcolor): counter-clockwise about the image centre, with
+    PIL's matrix (angle taken mod 360, cosine and sine rounded to 15 decimals)."""
+    height, width = x.shape[-2:]
+    angle = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    cx, cy = width / 2, height / 2
+    return pil_affine(x, (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy), resample)
+
+
+# name -> (level l in [0, 1] -> argument, whether the argument's sign flips with p 0.5), as timm's
+# _*_level_to_arg for "rand-" (Posterize: timm's "Posterize", not "PosterizeOriginal")
+RA_ARGUMENTS = {
+    "AutoContrast": None, "Equalize": None, "Invert": None,
+    "Rotate": (lambda level: level * 30.0, True),  # degrees
+    "Posterize": (lambda level: int(level * 4), False),  # bits kept
+    "Solarize": (lambda level: min(256, int(level * 256)), False),  # threshold (256: none inverted)
+    "SolarizeAdd": (lambda level: min(128, int(level * 110)), False),  # added below 128
+    "Color": (lambda level: level * 1.8 + 0.1, False),  # enhance factors: 1.0 is the identity
+    "Contrast": (lambda level: level * 1.8 + 0.1, False),
+    "Brightness": (lambda level: level * 1.8 + 0.1, False),
+    "Sharpness": (lambda level: level * 1.8 + 0.1, False),
+    "ShearX": (lambda level: level * 0.3, True),  # shear factor
+    "ShearY": (lambda level: level * 0.3, True),
+    "TranslateXRel": (lambda level: level * 0.45, True),  # fraction of the width
+    "TranslateYRel": (lambda level: level * 0.45, True),  # fraction of the height
+}
+RA_OPS = tuple(RA_ARGUMENTS)
+RA_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def ra_apply(x, name, argument=None, resample="bilinear"):
+    """One RandAugment op with its argument (RA_ARGUMENTS) on uint8 3xHxW, as timm calls PIL."""
+    height, width = x.shape[-2:]
+    if name == "AutoContrast":
+        return pil_autocontrast(x)
+    if name == "Equalize":
+        return v2.functional.equalize(x)
+    if name == "Invert":
+        return v2.functional.invert(x)
+    if name == "Posterize":  # 0 bits (level < 0.25, 15 standard deviations away) is black, as PIL < 10
+        return v2.functional.posterize(x, argument)
+    if name == "Solarize":  # inverts the pixels >= threshold: none at 256
+        return x if argument > 255 else v2.functional.solarize(x, argument)
+    if name == "SolarizeAdd":
+        return solarize_add(x, argument)
+    if name == "Color":
+        return pil_color(x, argument)
+    if name == "Contrast":
+        return pil_contrast(x, argument)
+    if name == "Brightness":
+        return v2.functional.adjust_brightness(x, argument)
+    if name == "Sharpness":  # PIL's SMOOTH kernel, border pixels kept
+        return v2.functional.adjust_sharpness(x, argument)
+    if name == "Rotate":
+        return pil_rotate(x, argument, resample)
+    matrix = {"ShearX": (1, argument, 0, 0, 1, 0), "ShearY": (1, 0, 0, argument, 1, 0),
+              "TranslateXRel": (1, 0, argument * width, 0, 1, 0),
+              "TranslateYRel": (1, 0, 0, 0, 1, argument * height)}[name]
+    return pil_affine(x, matrix, resample)
+
+
+class RandAugment(torch.nn.Module):
+    """timm's RandAugment "rand-m10-n2-mstd0.5" (the asymmetry paper's StrongerAug) on uint8 3xHxW.
+
+    num_ops ops drawn uniformly with replacement from RA_OPS; each applied with probability p at
+    magnitude m ~ N(magnitude, magnitude_std) clipped to [0, 10]; geometric ops fill with grey
+    128 and resample bilinear or bicubic at random. About a quarter of the images pass unchanged
+    (each op is skipped with p 0.5, and Solarize at m 10 inverts nothing)."""
+
+    def __init__(self, num_ops=2, magnitude=10.0, magnitude_std=0.5, p=0.5):
+        super().__init__()
+        self.num_ops, self.magnitude, self.magnitude_std, self.p = num_ops, magnitude, magnitude_std, p
+
+    def draw(self):
+        """The random part: [(op name, argument, resampling)] of the ops applied to one image."""
+        calls = []
+        for index in torch.randint(len(RA_OPS), (self.num_ops,)).tolist():
+            if torch.rand(()).item() > self.p:  # timm: random() > prob -> skipped
+                continue
+            name, argument, resample = RA_OPS[index], None, None
+            m = min(max(self.magnitude + self.magnitude_std * torch.randn(()).item(), 0.0), 10.0)
+            if RA_ARGUMENTS[name] is not None:
+                to_argument, signed = RA_ARGUMENTS[name]
+                argument = to_argument(m / 10.0)
+                if signed and torch.rand(()).item() > 0.5:  # timm's _randomly_negate
+                    argument = -argument
+            if name in RA_GEOMETRIC:
+                resample = ("bilinear", "bicubic")[int(torch.randint(2, ()).item())]
+            calls.append((name, argument, resample))
+        return calls
+
+    def forward(self, image):
+        for name, argument, resample in self.draw():
+            image = ra_apply(image, name, argument, resample)
+        return image
+
+    def extra_repr(self):
+        return f"num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std}, p={self.p}"
+
+
 def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False):
     """One augmented view of a uint8 CxHxW image -> normalised float CxSxS.
 
     recipe: a RECIPES name, or "weaker" (WeakerAug: RandomResizedCrop(0.08, 1) + flip only).
-    randaugment: StrongerAug = the recipe + RandAugment(2 ops, magnitude 10) after the flip.
+    randaugment: StrongerAug = the recipe + RandAugment (timm's rand-m10-n2-mstd0.5) after the flip.
     scale: overrides the recipe's crop scale range (MultiCrop: (0.14, 1) and (0.05, 0.14)).
     device_aug (--gpu-aug): -> (uint8 CxSxS, parameters) for finish_views; see DeviceAugView.
     """
@@ -107,7 +302,7 @@ def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False
             ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
         ops.append(v2.RandomHorizontalFlip())
     if randaugment:
-        ops.append(v2.RandAugment(num_ops=2, magnitude=10))
+        ops.append(RandAugment())
     if device_aug:  # nothing left for the device but float conversion and normalisation
         return FinishedOnWorker(v2.Compose(ops))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
