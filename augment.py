@@ -158,17 +158,22 @@ def pil_affine(x, matrix, resample, fill=RA_FILL):
     taps = (0, 1) if resample == "bilinear" else (-1, 0, 1, 2)
     columns = [(u0 + t).clamp(0, width - 1).long().flatten() for t in taps]  # edge-clamped neighbours
     row_starts = [(v0 + t).clamp(0, height - 1).long().flatten() * width for t in taps]
-    pixels = x.reshape(channels, -1)
+    pixels = x.reshape(channels, -1).to(torch.int16)  # the differences of neighbours stay exact
 
     def interpolate(values, t):  # PIL's BILINEAR and BICUBIC macros, in their order of operations
         if len(values) == 2:
-            return values[0] + (values[1] - values[0]) * t
-        v1, v2, v3, v4 = values
-        p1, p2, p3, p4 = v2, -v1 + v3, 2 * (v1 - v2) + v3 - v4, -v1 + v2 - v3 + v4
-        return p1 + t * (p2 + t * (p3 + t * p4))
+            p = values[0], values[1] - values[0]
+        else:  # int16 along x (exact), float64 along y; -a + b is b - a exactly
+            v1, v2, v3, v4 = values
+            p = v2, v3 - v1, 2 * (v1 - v2) + v3 - v4, v2 - v1 - v3 + v4
+        p = [c.double() for c in p]  # (mixed-type arithmetic is many times slower)
+        result = p[-1]
+        for c in reversed(p[:-1]):  # Horner: p1 + t (p2 + t (p3 + t p4))
+            result = c + t * result
+        return result
 
     def row(start):  # one row of neighbours interpolated along x: Cx(H*W)
-        return interpolate([pixels.gather(1, (start + column).expand(channels, -1)).double() for column in columns], du)
+        return interpolate([pixels.gather(1, (start + column).expand(channels, -1)) for column in columns], du)
 
     sampled = interpolate([row(start) for start in row_starts], dv).clamp(0, 255).to(torch.uint8)  # truncates
     return torch.where(inside, sampled.view_as(x), torch.tensor(fill, dtype=torch.uint8))
