@@ -48,6 +48,11 @@ FRAMEWORK_RECIPES = {
     "barlow": ("byol1", "byol2"),
     "simclr": ("simclr", "simclr"),
 }
+# Every RandomResizedCrop of a framework (standard, MultiCrop's small crops, WeakerAug, --gpu-aug)
+# resamples as its paper: bicubic in BYOL and Barlow Twins, bilinear (torchvision's default) in
+# MoCo v2/v3, SimSiam and SimCLR.
+FRAMEWORK_INTERPOLATION = {"mocov2": "bilinear", "simsiam": "bilinear", "mocov3": "bilinear",
+                           "simclr": "bilinear", "byol": "bicubic", "barlow": "bicubic"}
 JITTER_P, GRAY_P = 0.8, 0.2  # every recipe: ColorJitter applied with p 0.8, grayscale with p 0.2
 MULTICROP_SCALE = (0.05, 0.14)  # small crops; the standard crops then start at 0.14
 MULTICROP_SIZE_AT_224 = 96
@@ -280,24 +285,30 @@ class RandAugment(torch.nn.Module):
         return f"num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std}, p={self.p}"
 
 
-def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False):
+def random_resized_crop(size, scale, interpolation):
+    """RandomResizedCrop resampling with interpolation "bilinear" or "bicubic" (antialiased when shrinking)."""
+    return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode(interpolation), antialias=True)
+
+
+def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False, interpolation="bilinear"):
     """One augmented view of a uint8 CxHxW image -> normalised float CxSxS.
 
     recipe: a RECIPES name, or "weaker" (WeakerAug: RandomResizedCrop(0.08, 1) + flip only).
     randaugment: StrongerAug = the recipe + RandAugment (timm's rand-m10-n2-mstd0.5) after the flip.
     scale: overrides the recipe's crop scale range (MultiCrop: (0.14, 1) and (0.05, 0.14)).
     device_aug (--gpu-aug): -> (uint8 CxSxS, parameters) for finish_views; see DeviceAugView.
+    interpolation: the crop's resampling, "bilinear" or "bicubic" (FRAMEWORK_INTERPOLATION).
     """
     if device_aug and not randaugment and recipe != "weaker":
-        return DeviceAugView(recipe, size, scale)
+        return DeviceAugView(recipe, size, scale, interpolation)
     if recipe == "weaker":
         scale = scale or (0.08, 1.0)
-        ops = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+        ops = [random_resized_crop(size, scale, interpolation), v2.RandomHorizontalFlip()]
     else:
         default_min, jitter, blur_p, solarize_p = RECIPES[recipe]
         scale = scale or (default_min, 1.0)
         ops = [
-            v2.RandomResizedCrop(size, scale=scale, antialias=True),
+            random_resized_crop(size, scale, interpolation),
             v2.RandomApply([v2.ColorJitter(*jitter)], p=JITTER_P),
             v2.RandomGrayscale(p=GRAY_P),
         ]
@@ -380,9 +391,9 @@ class DeviceAugView:
     number of view_transform's pipeline (RandomApply and the _RandomApply transforms draw
     torch.rand(1) against p; ColorJitter draws its order and factors itself)."""
 
-    def __init__(self, recipe, size, scale=None):
+    def __init__(self, recipe, size, scale=None, interpolation="bilinear"):
         default_min, jitter, self.blur_p, self.solarize_p = RECIPES[recipe]
-        self.crop = v2.RandomResizedCrop(size, scale=scale or (default_min, 1.0), antialias=True)
+        self.crop = random_resized_crop(size, scale or (default_min, 1.0), interpolation)
         self.jitter = v2.ColorJitter(*jitter)
         self.blur_p = self.blur_p if blur_kernel(size) else 0.0  # as view_transform: no blur below 64 px
         self.flip = v2.RandomHorizontalFlip()
@@ -516,10 +527,13 @@ class Views:
     """Image -> {"source": n_s x 3xSxS, "target": n_t x 3xSxS, and where MultiCrop is placed,
     "source_small" / "target_small": m x 3xsxs}.
 
-    framework: which recipe pair is the "default" augmentation (FRAMEWORK_RECIPES).
+    framework: which recipe pair is the "default" augmentation (FRAMEWORK_RECIPES), and the crops'
+    interpolation (FRAMEWORK_INTERPOLATION).
     source_aug / target_aug: "weaker" | "default" | "stronger" (AsymAug = stronger/weaker).
     n_source / n_target: standard views per encoder (MeanEnc averages the n_t target encodings).
-    multicrop: m small crops, placed on multicrop_on ("source" | "target" | "both").
+    multicrop: m small crops, placed on multicrop_on ("source" | "target" | "both"); they take the
+    framework's default recipe whatever source_aug / target_aug are, and the standard crops (not
+    WeakerAug's) then start at scale 0.14.
     scalemix_on: None | "source" | "target" | "both": those standard views are ScaleMix views.
     crop_min: the recipes' RandomResizedCrop min scale for the standard views, where it differs
     (MoCo v3's ResNet: 0.2); WeakerAug and MultiCrop keep their own.
@@ -533,19 +547,19 @@ class Views:
                  device_aug=False):
         self.n_source, self.n_target, self.scalemix_on = n_source, n_target, scalemix_on
         self.multicrop, self.multicrop_on, self.device_aug = multicrop, multicrop_on, device_aug
-        recipes = FRAMEWORK_RECIPES[framework]
+        interpolation = FRAMEWORK_INTERPOLATION[framework]
         self.transforms = {}
-        for encoder, aug, recipe in (("source", source_aug, recipes[0]), ("target", target_aug, recipes[1])):
-            recipe = "weaker" if aug == "weaker" else recipe
-            stronger = aug == "stronger"
-            standard_scale = None  # the recipe's own
-            if multicrop:  # the standard crops give the smallest scales to the small crops
-                standard_scale = (MULTICROP_SCALE[1], 1.0)
-            elif crop_min and recipe != "weaker":
-                standard_scale = (crop_min, 1.0)
-            self.transforms[encoder] = view_transform(recipe, size, standard_scale, stronger, device_aug)
+        for encoder, aug, default in zip(("source", "target"), (source_aug, target_aug), FRAMEWORK_RECIPES[framework]):
+            recipe = "weaker" if aug == "weaker" else default
+            standard_scale = None  # the recipe's own; WeakerAug keeps (0.08, 1) with or without MultiCrop
+            if recipe != "weaker" and (multicrop or crop_min):  # MultiCrop: the small crops get the smallest scales
+                standard_scale = (MULTICROP_SCALE[1] if multicrop else crop_min, 1.0)
+            self.transforms[encoder] = view_transform(
+                recipe, size, standard_scale, aug == "stronger", device_aug, interpolation)
+            # MultiCrop's small crops: the framework's default recipe (the official augmentation_mini)
+            # whatever the encoder's: no RandAugment under StrongerAug, the colour ops under WeakerAug
             self.transforms[encoder + "_small"] = view_transform(
-                recipe, small_crop_size(size), MULTICROP_SCALE, stronger, device_aug)
+                default, small_crop_size(size), MULTICROP_SCALE, False, device_aug, interpolation)
 
     def _views(self, kind, image, n):
         """n views of one kind -> {kind: n x 3xSxS} (and, with device_aug, {kind + "_params": n x P})."""

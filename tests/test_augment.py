@@ -1,5 +1,6 @@
 """augment.py: ScaleMix geometry and provenance, MultiCrop and MeanEnc views, AsymAug recipes,
 collate order, per-sample seeding, image decoding and data-set errors, and --gpu-aug's device half."""
+import itertools
 import math
 import os
 
@@ -334,6 +335,99 @@ def test_randaugment_figures(cifar10):
     unchanged = (changes == 0).mean()
     assert abs(unchanged - 0.27) < 3 * math.sqrt(0.27 * 0.73 / n), unchanged
     assert abs(changes.mean() - 36.7) < 3 * changes.std() / math.sqrt(n) + 0.1 * 36.7, changes.mean()
+
+
+# ---- Recipes per view kind in every combination of the designs ------------------------------
+SCRIPTS = ("mocov2_asym", "simsiam_asym", "mocov3_asym", "byol_asym", "simclr_asym", "barlow_asym")
+# the spec's recipes: colour-jitter strengths of each framework's (source, target) views, the
+# standard crops' min scale (MoCo v3's ResNet: 0.2) and the crops' interpolation
+SPEC_JITTER = {"mocov2": (0.4, 0.4, 0.4, 0.1), "byol": (0.4, 0.4, 0.2, 0.1), "simclr": (0.8, 0.8, 0.8, 0.2)}
+SPEC_FRAMEWORK = {  # script: (recipe family, standard min scale, interpolation)
+    "mocov2_asym": ("mocov2", 0.2, "bilinear"), "simsiam_asym": ("mocov2", 0.2, "bilinear"),
+    "mocov3_asym": ("byol", 0.2, "bilinear"), "byol_asym": ("byol", 0.08, "bicubic"),
+    "simclr_asym": ("simclr", 0.08, "bilinear"), "barlow_asym": ("byol", 0.08, "bicubic"),
+}
+MULTICROP_FLAGS = {None: [], "source": ["--multicrop"], "target": ["--multicrop-on", "target"],
+                   "both": ["--multicrop-on", "both"]}
+SCALEMIX_FLAGS = {None: [], "source": ["--scalemix"], "target": ["--scalemix-on", "target"],
+                  "both": ["--scalemix-on", "both"]}
+AUG_FLAGS = {("default", "default"): [], ("stronger", "weaker"): ["--asym-aug"],
+             **{(s, t): ["--source-aug", s, "--target-aug", t] for s in ("weaker", "default", "stronger")
+                for t in ("weaker", "default", "stronger") if (s, t) != ("default", "default")}}
+
+
+def recipe_of(transform):
+    """A view pipeline -> what it does: crop scale and interpolation, colour-jitter strengths (None:
+    crop and flip only), the byol2 recipe's solarize, and whether timm's RandAugment follows the flip."""
+    names = op_types(transform)
+    crop = transform.transforms[0]
+    jitter = [t.transforms[0] for t in transform.transforms if isinstance(t, v2.RandomApply)
+              and isinstance(t.transforms[0], v2.ColorJitter)]
+    strengths = None if not jitter else tuple(round(v, 6) for v in (
+        jitter[0].brightness[1] - 1, jitter[0].contrast[1] - 1, jitter[0].saturation[1] - 1, jitter[0].hue[1]))
+    randaugment = [t for t in transform.transforms if isinstance(t, augment.RandAugment)]
+    if randaugment:
+        assert names.index("RandAugment") == names.index("RandomHorizontalFlip") + 1
+        assert (randaugment[0].num_ops, randaugment[0].magnitude, randaugment[0].magnitude_std, randaugment[0].p) == (2, 10, 0.5, 0.5)
+    if strengths is None:
+        assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
+    return dict(scale=crop.scale, interpolation=v2.InterpolationMode(crop.interpolation).value, jitter=strengths,
+                solarize="RandomSolarize" in names, randaugment=bool(randaugment))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_recipes_per_view_kind_in_every_combination(script):
+    """Every combination of --multicrop(-on), --scalemix(-on), --asym-aug and --source-aug/--target-aug,
+    through the script's own parse_args and make_views: WeakerAug is crop (0.08, 1) + flip with or
+    without MultiCrop; the other standard crops start at 0.14 under MultiCrop, else at the recipe's
+    min; StrongerAug adds timm's RandAugment after the flip; MultiCrop's small crops (0.05, 0.14) take
+    the framework's default recipe of their encoder whatever its augmentation; every crop resamples
+    with the framework's interpolation."""
+    module = __import__(script)
+    family, standard_min, interpolation = SPEC_FRAMEWORK[script]
+    jitter = SPEC_JITTER[family]
+    for (multicrop_on, mc_flags), (scalemix_on, sm_flags), ((source_aug, target_aug), aug_flags) in itertools.product(
+            MULTICROP_FLAGS.items(), SCALEMIX_FLAGS.items(), AUG_FLAGS.items()):
+        views = module.make_views(module.parse_args(["--image-size", "224"] + mc_flags + sm_flags + aug_flags))
+        case = (script, multicrop_on, scalemix_on, source_aug, target_aug)
+        assert views.scalemix_on == scalemix_on and bool(views.multicrop) == bool(multicrop_on), case
+        for encoder, aug in (("source", source_aug), ("target", target_aug)):
+            recipe = recipe_of(views.transforms[encoder])
+            if aug == "weaker":
+                expected = dict(scale=(0.08, 1.0), jitter=None, randaugment=False)
+            else:
+                expected = dict(scale=(0.14 if multicrop_on else standard_min, 1.0), jitter=jitter, randaugment=aug == "stronger")
+            expected.update(interpolation=interpolation, solarize=family == "byol" and encoder == "target" and aug != "weaker")
+            assert recipe == expected, (case, encoder)
+            if multicrop_on in (encoder, "both"):
+                assert views.multicrop_on == multicrop_on and views.multicrop == 6
+                small = recipe_of(views.transforms[encoder + "_small"])
+                assert small == dict(scale=(0.05, 0.14), interpolation=interpolation, jitter=jitter,
+                                     solarize=family == "byol" and encoder == "target", randaugment=False), (case, encoder)
+
+
+@pytest.mark.parametrize("framework", sorted(augment.FRAMEWORK_RECIPES))
+def test_crops_resample_with_the_frameworks_interpolation(framework):
+    """Bicubic for BYOL and Barlow Twins (their papers), bilinear for the others: every crop, also
+    WeakerAug's, the small crops and the --gpu-aug worker's; and the crop really resamples that way."""
+    expected = "bicubic" if framework in ("byol", "barlow") else "bilinear"
+    for device_aug in (False, True):
+        views = augment.Views(64, framework, "weaker", "stronger", multicrop=2, multicrop_on="both", device_aug=device_aug)
+        views_default = augment.Views(64, framework, device_aug=device_aug)
+        for transform in [*views.transforms.values(), *views_default.transforms.values()]:
+            if isinstance(transform, augment.DeviceAugView):
+                crop = transform.crop
+            else:
+                crop = (transform.transform if isinstance(transform, augment.FinishedOnWorker) else transform).transforms[0]
+            assert isinstance(crop, v2.RandomResizedCrop) and v2.InterpolationMode(crop.interpolation).value == expected
+    x = ra_images()[0]
+    torch.manual_seed(1)
+    weaker = augment.Views(32, framework, "weaker").transforms["source"](x)
+    torch.manual_seed(1)
+    by_hand = v2.Compose([v2.RandomResizedCrop(32, scale=(0.08, 1), interpolation=v2.InterpolationMode(expected), antialias=True),
+                          v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                          v2.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])(x)
+    torch.testing.assert_close(weaker, by_hand, atol=0, rtol=0)
 
 
 # ---- collate and seeding ---------------------------------------------------------------------
