@@ -91,11 +91,12 @@ class GaussianBlur(torch.nn.Module):
 # Two ops per image, drawn uniformly with replacement from RA_OPS; each is applied with p 0.5 at
 # a magnitude m ~ N(10, 0.5) clipped to [0, 10], i.e. at level l = m / 10 (m10 is timm's maximum,
 # not a third of torchvision's range). Every op reproduces PIL's, as timm calls it, on uint8
-# CxHxW tensors: invert, posterize, solarize, equalize, brightness and sharpness are torchvision's
-# v2 ops (equal to PIL's to the bit); colour, contrast and autocontrast follow PIL's own rounding
-# (torchvision's grey levels differ from PIL's by one on a third of the pixels); the geometric ops
-# are PIL's affine resampling (pil_affine). The randomness comes from the torch RNG, which
-# SeededDataset seeds per sample, in timm's order: ops, then per op p, magnitude, sign, resampling.
+# CxHxW tensors, to the bit: invert, posterize, solarize, equalize, brightness and sharpness are
+# torchvision's v2 ops (equal to PIL's); colour, contrast and autocontrast follow PIL's rounding
+# (torchvision's are a grey level off on up to half the pixels); the geometric ops are PIL's affine
+# resampling (pil_affine: torchvision's affine blends the fill into the border and uses another
+# cubic). The randomness comes from the torch RNG, which SeededDataset seeds per sample, drawn in
+# timm's order: the ops, then per op its p, magnitude, sign and resampling.
 RA_FILL = 128  # timm's grey fill (128, 128, 128) for the geometric ops
 
 
@@ -224,7 +225,7 @@ def ra_apply(x, name, argument=None, resample="bilinear"):
         return v2.functional.equalize(x)
     if name == "Invert":
         return v2.functional.invert(x)
-    if name == "Posterize":  # 0 bits (level < 0.25, 15 standard deviations away) is black, as PIL < 10
+    if name == "Posterize":  # 0 bits (level < 0.25: m is 15 standard deviations below 10) give black
         return v2.functional.posterize(x, argument)
     if name == "Solarize":  # inverts the pixels >= threshold: none at 256
         return x if argument > 255 else v2.functional.solarize(x, argument)
