@@ -48,6 +48,11 @@ FRAMEWORK_RECIPES = {
     "barlow": ("byol1", "byol2"),
     "simclr": ("simclr", "simclr"),
 }
+# Every RandomResizedCrop of a framework (standard, MultiCrop's small crops, WeakerAug, --gpu-aug)
+# resamples as its paper: bicubic in BYOL and Barlow Twins, bilinear (torchvision's default) in
+# MoCo v2/v3, SimSiam and SimCLR.
+FRAMEWORK_INTERPOLATION = {"mocov2": "bilinear", "simsiam": "bilinear", "mocov3": "bilinear",
+                           "simclr": "bilinear", "byol": "bicubic", "barlow": "bicubic"}
 JITTER_P, GRAY_P = 0.8, 0.2  # every recipe: ColorJitter applied with p 0.8, grayscale with p 0.2
 MULTICROP_SCALE = (0.05, 0.14)  # small crops; the standard crops then start at 0.14
 MULTICROP_SIZE_AT_224 = 96
@@ -80,24 +85,231 @@ class GaussianBlur(torch.nn.Module):
         return torch.from_numpy(np.array(blurred)).permute(2, 0, 1)
 
 
-def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False):
+# ---------------------------------------------------------------------------------------------
+# StrongerAug's RandAugment: the official code's timm rand_augment_transform("rand-m10-n2-mstd0.5")
+# ---------------------------------------------------------------------------------------------
+# Two ops per image, drawn uniformly with replacement from RA_OPS; each is applied with p 0.5 at
+# a magnitude m ~ N(10, 0.5) clipped to [0, 10], i.e. at level l = m / 10 (m10 is timm's maximum,
+# not a third of torchvision's range). Every op reproduces PIL's, as timm calls it, on uint8
+# CxHxW tensors, to the bit: invert, posterize, solarize, equalize, brightness and sharpness are
+# torchvision's v2 ops (equal to PIL's); colour, contrast and autocontrast follow PIL's rounding
+# (torchvision's are a grey level off on up to half the pixels); the geometric ops are PIL's affine
+# resampling (pil_affine: torchvision's affine blends the fill into the border and uses another
+# cubic). The randomness comes from the torch RNG, which SeededDataset seeds per sample, drawn in
+# timm's order: the ops, then per op its p, magnitude, sign and resampling.
+RA_FILL = 128  # timm's grey fill (128, 128, 128) for the geometric ops
+
+
+def pil_grayscale(x):
+    """uint8 3xHxW -> int32 1xHxW luma as PIL's convert("L"): ITU-R 601-2 in 16-bit fixed point, rounded."""
+    r, g, b = x.int().unbind(-3)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(-3)
+
+
+def pil_blend(degenerate, image, factor):
+    """PIL's Image.blend(degenerate, image, factor), which ImageEnhance uses: degenerate +
+    factor (image - degenerate) in float32, clipped to [0, 255] and truncated."""
+    degenerate = degenerate.float()
+    return (degenerate + factor * (image.float() - degenerate)).clamp(0, 255).to(torch.uint8)
+
+
+def pil_color(x, factor):
+    """ImageEnhance.Color: blend with the image's grey version (PIL's luma, not torchvision's)."""
+    return pil_blend(pil_grayscale(x), x, factor)
+
+
+def pil_contrast(x, factor):
+    """ImageEnhance.Contrast: blend with a flat image at the mean luma, rounded to an integer."""
+    mean = int(pil_grayscale(x).double().mean().item() + 0.5)
+    return pil_blend(torch.full_like(x, mean), x, factor)
+
+
+def pil_autocontrast(x):
+    """ImageOps.autocontrast: each channel's [lo, hi] stretched to [0, 255] by PIL's table,
+    int(i * scale + offset), scale = 255 / (hi - lo), offset = -lo * scale, in Python floats (float64,
+    as PIL: torch's scalar / tensor is a reciprocal and a product, off by one ulp); a flat channel is
+    left alone."""
+    tables = []
+    for lo, hi in zip(x.amin((-2, -1)).tolist(), x.amax((-2, -1)).tolist()):
+        if hi <= lo:
+            tables.append(torch.arange(256, dtype=torch.float64))
+            continue
+        scale = 255.0 / (hi - lo)
+        tables.append((torch.arange(256, dtype=torch.float64) * scale + -lo * scale).trunc().clamp(0, 255))
+    return torch.stack(tables).to(torch.uint8).gather(1, x.flatten(-2).long()).view_as(x)
+
+
+def solarize_add(x, addition, threshold=128):
+    """timm's solarize_add: pixels below the threshold get `addition` more, clipped to 255."""
+    return torch.where(x < threshold, (x.int() + addition).clamp(max=255).to(torch.uint8), x)
+
+
+def pil_affine(x, matrix, resample, fill=RA_FILL):
+    """PIL's Image.transform(size, AFFINE, matrix, resample, fillcolor=fill) on uint8 CxHxW, to the bit.
+    Output pixel (row i, column j) samples the input at (a x + b y + c, d x + e y + f), (x, y) =
+    (j + 0.5, i + 0.5): coordinates of pixel edges, so shears are about the top-left corner. A sample
+    point outside [0, W) x [0, H) gets the fill; one inside is interpolated from edge-clamped
+    neighbours, bilinear or by PIL's cubic convolution (a = -1: sharper than torch's -0.75), and
+    truncated to uint8. torchvision's affine differs in all three (centre convention aside): it
+    blends the fill into border pixels, uses a = -0.75 and rounds."""
+    channels, height, width = x.shape
+    a, b, c, d, e, f = matrix
+    rows = torch.arange(height, dtype=torch.float64).view(-1, 1) + 0.5
+    cols = torch.arange(width, dtype=torch.float64).view(1, -1) + 0.5
+    source_x, source_y = a * cols + b * rows + c, d * cols + e * rows + f  # HxW each, float64 as PIL
+    inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
+    u, v = source_x - 0.5, source_y - 0.5  # in pixel-centre units
+    u0, v0 = u.floor(), v.floor()
+    du, dv = (u - u0).flatten(), (v - v0).flatten()  # H*W
+    taps = (0, 1) if resample == "bilinear" else (-1, 0, 1, 2)
+    columns = [(u0 + t).clamp(0, width - 1).long().flatten() for t in taps]  # edge-clamped neighbours
+    row_starts = [(v0 + t).clamp(0, height - 1).long().flatten() * width for t in taps]
+    pixels = x.reshape(channels, -1).to(torch.int16)  # the differences of neighbours stay exact
+
+    def interpolate(values, t):  # PIL's BILINEAR and BICUBIC macros, in their order of operations
+        if len(values) == 2:
+            p = values[0], values[1] - values[0]
+        else:  # int16 along x (exact), float64 along y; -a + b is b - a exactly
+            v1, v2, v3, v4 = values
+            p = v2, v3 - v1, 2 * (v1 - v2) + v3 - v4, v2 - v1 - v3 + v4
+        p = [c.double() for c in p]  # (mixed-type arithmetic is many times slower)
+        result = p[-1]
+        for c in reversed(p[:-1]):  # Horner: p1 + t (p2 + t (p3 + t p4))
+            result = c + t * result
+        return result
+
+    def row(start):  # one row of neighbours interpolated along x: Cx(H*W)
+        return interpolate([pixels.gather(1, (start + column).expand(channels, -1)) for column in columns], du)
+
+    sampled = interpolate([row(start) for start in row_starts], dv).clamp(0, 255).to(torch.uint8)  # truncates
+    return torch.where(inside, sampled.view_as(x), torch.tensor(fill, dtype=torch.uint8))
+
+
+def pil_rotate(x, degrees, resample):
+    """Image.rotate(degrees, resample, fillcolor): counter-clockwise about the image centre, with
+    PIL's matrix (angle taken mod 360, cosine and sine rounded to 15 decimals)."""
+    height, width = x.shape[-2:]
+    angle = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    cx, cy = width / 2, height / 2
+    return pil_affine(x, (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy), resample)
+
+
+# name -> (level l in [0, 1] -> argument, whether the argument's sign flips with p 0.5), as timm's
+# _*_level_to_arg for "rand-" (Posterize: timm's "Posterize", not "PosterizeOriginal")
+RA_ARGUMENTS = {
+    "AutoContrast": None, "Equalize": None, "Invert": None,
+    "Rotate": (lambda level: level * 30.0, True),  # degrees
+    "Posterize": (lambda level: int(level * 4), False),  # bits kept
+    "Solarize": (lambda level: min(256, int(level * 256)), False),  # threshold (256: none inverted)
+    "SolarizeAdd": (lambda level: min(128, int(level * 110)), False),  # added below 128
+    "Color": (lambda level: level * 1.8 + 0.1, False),  # enhance factors: 1.0 is the identity
+    "Contrast": (lambda level: level * 1.8 + 0.1, False),
+    "Brightness": (lambda level: level * 1.8 + 0.1, False),
+    "Sharpness": (lambda level: level * 1.8 + 0.1, False),
+    "ShearX": (lambda level: level * 0.3, True),  # shear factor
+    "ShearY": (lambda level: level * 0.3, True),
+    "TranslateXRel": (lambda level: level * 0.45, True),  # fraction of the width
+    "TranslateYRel": (lambda level: level * 0.45, True),  # fraction of the height
+}
+RA_OPS = tuple(RA_ARGUMENTS)
+RA_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def ra_apply(x, name, argument=None, resample="bilinear"):
+    """One RandAugment op with its argument (RA_ARGUMENTS) on uint8 3xHxW, as timm calls PIL."""
+    height, width = x.shape[-2:]
+    if name == "AutoContrast":
+        return pil_autocontrast(x)
+    if name == "Equalize":
+        return v2.functional.equalize(x)
+    if name == "Invert":
+        return v2.functional.invert(x)
+    if name == "Posterize":  # 0 bits (level < 0.25: m is 15 standard deviations below 10) give black
+        return v2.functional.posterize(x, argument)
+    if name == "Solarize":  # inverts the pixels >= threshold: none at 256
+        return x if argument > 255 else v2.functional.solarize(x, argument)
+    if name == "SolarizeAdd":
+        return solarize_add(x, argument)
+    if name == "Color":
+        return pil_color(x, argument)
+    if name == "Contrast":
+        return pil_contrast(x, argument)
+    if name == "Brightness":
+        return v2.functional.adjust_brightness(x, argument)
+    if name == "Sharpness":  # PIL's SMOOTH kernel, border pixels kept
+        return v2.functional.adjust_sharpness(x, argument)
+    if name == "Rotate":
+        return pil_rotate(x, argument, resample)
+    matrix = {"ShearX": (1, argument, 0, 0, 1, 0), "ShearY": (1, 0, 0, argument, 1, 0),
+              "TranslateXRel": (1, 0, argument * width, 0, 1, 0),
+              "TranslateYRel": (1, 0, 0, 0, 1, argument * height)}[name]
+    return pil_affine(x, matrix, resample)
+
+
+class RandAugment(torch.nn.Module):
+    """timm's RandAugment "rand-m10-n2-mstd0.5" (the asymmetry paper's StrongerAug) on uint8 3xHxW.
+
+    num_ops ops drawn uniformly with replacement from RA_OPS; each applied with probability p at
+    magnitude m ~ N(magnitude, magnitude_std) clipped to [0, 10]; geometric ops fill with grey
+    128 and resample bilinear or bicubic at random. About a quarter of the images pass unchanged
+    (each op is skipped with p 0.5, and Solarize at m 10 inverts nothing)."""
+
+    def __init__(self, num_ops=2, magnitude=10.0, magnitude_std=0.5, p=0.5):
+        super().__init__()
+        self.num_ops, self.magnitude, self.magnitude_std, self.p = num_ops, magnitude, magnitude_std, p
+
+    def draw(self):
+        """The random part: [(op name, argument, resampling)] of the ops applied to one image."""
+        calls = []
+        for index in torch.randint(len(RA_OPS), (self.num_ops,)).tolist():
+            if torch.rand(()).item() > self.p:  # timm: random() > prob -> skipped
+                continue
+            name, argument, resample = RA_OPS[index], None, None
+            m = min(max(self.magnitude + self.magnitude_std * torch.randn(()).item(), 0.0), 10.0)
+            if RA_ARGUMENTS[name] is not None:
+                to_argument, signed = RA_ARGUMENTS[name]
+                argument = to_argument(m / 10.0)
+                if signed and torch.rand(()).item() > 0.5:  # timm's _randomly_negate
+                    argument = -argument
+            if name in RA_GEOMETRIC:
+                resample = ("bilinear", "bicubic")[int(torch.randint(2, ()).item())]
+            calls.append((name, argument, resample))
+        return calls
+
+    def forward(self, image):
+        for name, argument, resample in self.draw():
+            image = ra_apply(image, name, argument, resample)
+        return image
+
+    def extra_repr(self):
+        return f"num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std}, p={self.p}"
+
+
+def random_resized_crop(size, scale, interpolation):
+    """RandomResizedCrop resampling with interpolation "bilinear" or "bicubic" (antialiased when shrinking)."""
+    return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode(interpolation), antialias=True)
+
+
+def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False, interpolation="bilinear"):
     """One augmented view of a uint8 CxHxW image -> normalised float CxSxS.
 
     recipe: a RECIPES name, or "weaker" (WeakerAug: RandomResizedCrop(0.08, 1) + flip only).
-    randaugment: StrongerAug = the recipe + RandAugment(2 ops, magnitude 10) after the flip.
+    randaugment: StrongerAug = the recipe + RandAugment (timm's rand-m10-n2-mstd0.5) after the flip.
     scale: overrides the recipe's crop scale range (MultiCrop: (0.14, 1) and (0.05, 0.14)).
     device_aug (--gpu-aug): -> (uint8 CxSxS, parameters) for finish_views; see DeviceAugView.
+    interpolation: the crop's resampling, "bilinear" or "bicubic" (FRAMEWORK_INTERPOLATION).
     """
     if device_aug and not randaugment and recipe != "weaker":
-        return DeviceAugView(recipe, size, scale)
+        return DeviceAugView(recipe, size, scale, interpolation)
     if recipe == "weaker":
         scale = scale or (0.08, 1.0)
-        ops = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+        ops = [random_resized_crop(size, scale, interpolation), v2.RandomHorizontalFlip()]
     else:
         default_min, jitter, blur_p, solarize_p = RECIPES[recipe]
         scale = scale or (default_min, 1.0)
         ops = [
-            v2.RandomResizedCrop(size, scale=scale, antialias=True),
+            random_resized_crop(size, scale, interpolation),
             v2.RandomApply([v2.ColorJitter(*jitter)], p=JITTER_P),
             v2.RandomGrayscale(p=GRAY_P),
         ]
@@ -107,7 +319,7 @@ def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False
             ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
         ops.append(v2.RandomHorizontalFlip())
     if randaugment:
-        ops.append(v2.RandAugment(num_ops=2, magnitude=10))
+        ops.append(RandAugment())
     if device_aug:  # nothing left for the device but float conversion and normalisation
         return FinishedOnWorker(v2.Compose(ops))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -180,9 +392,9 @@ class DeviceAugView:
     number of view_transform's pipeline (RandomApply and the _RandomApply transforms draw
     torch.rand(1) against p; ColorJitter draws its order and factors itself)."""
 
-    def __init__(self, recipe, size, scale=None):
+    def __init__(self, recipe, size, scale=None, interpolation="bilinear"):
         default_min, jitter, self.blur_p, self.solarize_p = RECIPES[recipe]
-        self.crop = v2.RandomResizedCrop(size, scale=scale or (default_min, 1.0), antialias=True)
+        self.crop = random_resized_crop(size, scale or (default_min, 1.0), interpolation)
         self.jitter = v2.ColorJitter(*jitter)
         self.blur_p = self.blur_p if blur_kernel(size) else 0.0  # as view_transform: no blur below 64 px
         self.flip = v2.RandomHorizontalFlip()
@@ -316,10 +528,13 @@ class Views:
     """Image -> {"source": n_s x 3xSxS, "target": n_t x 3xSxS, and where MultiCrop is placed,
     "source_small" / "target_small": m x 3xsxs}.
 
-    framework: which recipe pair is the "default" augmentation (FRAMEWORK_RECIPES).
+    framework: which recipe pair is the "default" augmentation (FRAMEWORK_RECIPES), and the crops'
+    interpolation (FRAMEWORK_INTERPOLATION).
     source_aug / target_aug: "weaker" | "default" | "stronger" (AsymAug = stronger/weaker).
     n_source / n_target: standard views per encoder (MeanEnc averages the n_t target encodings).
-    multicrop: m small crops, placed on multicrop_on ("source" | "target" | "both").
+    multicrop: m small crops, placed on multicrop_on ("source" | "target" | "both"); they take the
+    framework's default recipe whatever source_aug / target_aug are, and the standard crops (not
+    WeakerAug's) then start at scale 0.14.
     scalemix_on: None | "source" | "target" | "both": those standard views are ScaleMix views.
     crop_min: the recipes' RandomResizedCrop min scale for the standard views, where it differs
     (MoCo v3's ResNet: 0.2); WeakerAug and MultiCrop keep their own.
@@ -333,19 +548,19 @@ class Views:
                  device_aug=False):
         self.n_source, self.n_target, self.scalemix_on = n_source, n_target, scalemix_on
         self.multicrop, self.multicrop_on, self.device_aug = multicrop, multicrop_on, device_aug
-        recipes = FRAMEWORK_RECIPES[framework]
+        interpolation = FRAMEWORK_INTERPOLATION[framework]
         self.transforms = {}
-        for encoder, aug, recipe in (("source", source_aug, recipes[0]), ("target", target_aug, recipes[1])):
-            recipe = "weaker" if aug == "weaker" else recipe
-            stronger = aug == "stronger"
-            standard_scale = None  # the recipe's own
-            if multicrop:  # the standard crops give the smallest scales to the small crops
-                standard_scale = (MULTICROP_SCALE[1], 1.0)
-            elif crop_min and recipe != "weaker":
-                standard_scale = (crop_min, 1.0)
-            self.transforms[encoder] = view_transform(recipe, size, standard_scale, stronger, device_aug)
+        for encoder, aug, default in zip(("source", "target"), (source_aug, target_aug), FRAMEWORK_RECIPES[framework]):
+            recipe = "weaker" if aug == "weaker" else default
+            standard_scale = None  # the recipe's own; WeakerAug keeps (0.08, 1) with or without MultiCrop
+            if recipe != "weaker" and (multicrop or crop_min):  # MultiCrop: the small crops get the smallest scales
+                standard_scale = (MULTICROP_SCALE[1] if multicrop else crop_min, 1.0)
+            self.transforms[encoder] = view_transform(
+                recipe, size, standard_scale, aug == "stronger", device_aug, interpolation)
+            # MultiCrop's small crops: the framework's default recipe (the official augmentation_mini)
+            # whatever the encoder's: no RandAugment under StrongerAug, the colour ops under WeakerAug
             self.transforms[encoder + "_small"] = view_transform(
-                recipe, small_crop_size(size), MULTICROP_SCALE, stronger, device_aug)
+                default, small_crop_size(size), MULTICROP_SCALE, False, device_aug, interpolation)
 
     def _views(self, kind, image, n):
         """n views of one kind -> {kind: n x 3xSxS} (and, with device_aug, {kind + "_params": n x P})."""

@@ -1,12 +1,13 @@
 """augment.py: ScaleMix geometry and provenance, MultiCrop and MeanEnc views, AsymAug recipes,
 collate order, per-sample seeding, image decoding and data-set errors, and --gpu-aug's device half."""
+import itertools
 import math
 import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms import v2
 
 import augment
@@ -105,8 +106,8 @@ def test_weaker_is_crop_and_flip_only_stronger_adds_randaugment_after_flip():
     stronger = augment.view_transform("mocov2", 224, randaugment=True)
     assert op_types(stronger) == default[:-2] + ["RandAugment", "ToDtype", "Normalize"]
     assert default.index("RandomHorizontalFlip") == len(default) - 3
-    ra = stronger.transforms[-3]
-    assert ra.num_ops == 2 and ra.magnitude == 10
+    ra = stronger.transforms[-3]  # timm's rand-m10-n2-mstd0.5, not torchvision's RandAugment
+    assert isinstance(ra, augment.RandAugment) and (ra.num_ops, ra.magnitude, ra.magnitude_std, ra.p) == (2, 10, 0.5, 0.5)
     views = augment.Views(32, source_aug="stronger", target_aug="weaker")
     assert "RandAugment" in op_types(views.transforms["source"])
     assert op_types(views.transforms["target"])[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
@@ -148,6 +149,289 @@ def test_pil_blur_matches_torchvision_gaussian_blur(sigma):
     difference = (fast.float() - plain.float()).abs()
     assert difference.mean() < 1.0 and difference.max() <= 16, (difference.mean(), difference.max())
     assert (fast.float() - image.float()).abs().mean() > 2 * difference.mean() or sigma < 0.5  # it does blur
+
+
+# ---- StrongerAug's RandAugment: timm's rand-m10-n2-mstd0.5 -----------------------------------
+# timm's ops (timm/data/auto_augment.py), transcribed onto PIL as the official code calls them
+PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def timm_op(image, name, argument, resample):
+    """One op on a PIL image exactly as timm applies it (fill grey 128, the drawn resampling)."""
+    kwargs = dict(resample=PIL_RESAMPLE.get(resample), fillcolor=(128, 128, 128))
+    width, height = image.size
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(image)
+    if name == "Equalize":
+        return ImageOps.equalize(image)
+    if name == "Invert":
+        return ImageOps.invert(image)
+    if name == "Rotate":
+        return image.rotate(argument, **kwargs)
+    if name == "Posterize":  # PIL's posterize table; Pillow >= 10 refuses 0 bits, older ones gave black
+        return image.point([i & ~(2 ** (8 - argument) - 1) for i in range(256)] * 3)
+    if name == "Solarize":
+        return ImageOps.solarize(image, argument)
+    if name == "SolarizeAdd":
+        return image.point([min(255, i + argument) if i < 128 else i for i in range(256)] * 3)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return getattr(ImageEnhance, name)(image).enhance(argument)
+    matrix = {"ShearX": (1, argument, 0, 0, 1, 0), "ShearY": (1, 0, 0, argument, 1, 0),
+              "TranslateXRel": (1, 0, argument * width, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, argument * height)}
+    return image.transform(image.size, Image.AFFINE, matrix[name], **kwargs)
+
+
+def ra_images():
+    """A low-contrast natural-looking image (odd, non-square size: edges, noise, no 0 or 255) and a
+    SyntheticShapes one: uint8 3xHxW."""
+    y, x = torch.meshgrid(torch.arange(45.0), torch.arange(61.0), indexing="ij")
+    pattern = torch.stack([120 + 60 * torch.sin(x / 5) * torch.cos(y / 7), 40 + 2 * x + y, 90 + 100 * (x > 30)])
+    noise = torch.randn(3, 45, 61, generator=torch.Generator().manual_seed(0)) * 8
+    natural = (pattern + noise).clamp(20, 230).to(torch.uint8)
+    return [natural, v2.functional.pil_to_tensor(augment.SyntheticShapes("train")[3][0])]
+
+
+def to_pil(x):
+    return v2.functional.to_pil_image(x)
+
+
+def to_tensor(image):
+    return v2.functional.pil_to_tensor(image)
+
+
+def test_randaugment_arguments_at_a_level_are_timms():
+    """Level l = m / 10 -> each op's argument, computed by hand from the spec's ranges."""
+    argument = {name: spec[0] for name, spec in augment.RA_ARGUMENTS.items() if spec}
+    assert set(augment.RA_OPS) == {"AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+                                   "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY",
+                                   "TranslateXRel", "TranslateYRel"}
+    assert [augment.RA_ARGUMENTS[n] for n in ("AutoContrast", "Equalize", "Invert")] == [None] * 3
+    hand = {  # level: (rotate degrees, shear, translate fraction, enhance factor, posterize bits, solarize, solarize add)
+        0.0: (0.0, 0.0, 0.0, 0.1, 0, 0, 0),
+        0.25: (7.5, 0.075, 0.1125, 0.55, 1, 64, 27),
+        0.5: (15.0, 0.15, 0.225, 1.0, 2, 128, 55),
+        0.74: (22.2, 0.222, 0.333, 1.432, 2, 189, 81),  # 4 x 0.74 = 2.96: 2 bits; 256 x 0.74 = 189.44
+        0.96: (28.8, 0.288, 0.432, 1.828, 3, 245, 105),
+        1.0: (30.0, 0.3, 0.45, 1.9, 4, 256, 110),  # m10: the maximum, not a third of the range
+    }
+    for level, (rotate, shear, translate, factor, bits, threshold, add) in hand.items():
+        assert argument["Rotate"](level) == pytest.approx(rotate)
+        assert argument["ShearX"](level) == argument["ShearY"](level) == pytest.approx(shear)
+        assert argument["TranslateXRel"](level) == argument["TranslateYRel"](level) == pytest.approx(translate)
+        for name in ("Color", "Contrast", "Brightness", "Sharpness"):
+            assert argument[name](level) == pytest.approx(factor)
+        assert (argument["Posterize"](level), argument["Solarize"](level), argument["SolarizeAdd"](level)) == (bits, threshold, add)
+    signed = {name for name, spec in augment.RA_ARGUMENTS.items() if spec and spec[1]}
+    assert signed == {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+
+
+@pytest.mark.parametrize("name", augment.RA_OPS)
+def test_randaugment_op_is_pils(name):
+    """Each op on uint8 tensors equals timm's call of PIL with the same argument, to the bit, at
+    levels 0 to 1, both signs and both resamplings (no tolerance needed: the tensor ops follow PIL's
+    coordinates, clamping, cubic kernel and rounding)."""
+    spec = augment.RA_ARGUMENTS[name]
+    arguments = [None] if spec is None else sorted({s * spec[0](level) for level in (0.0, 0.37, 0.93, 1.0)
+                                                    for s in ((1, -1) if spec[1] else (1,))})
+    resamplings = ("bilinear", "bicubic") if name in augment.RA_GEOMETRIC else (None,)
+    for x in ra_images():
+        for argument in arguments:
+            for resample in resamplings:
+                got = augment.ra_apply(x, name, argument, resample)
+                assert got.dtype == torch.uint8 and got.shape == x.shape
+                expected = to_tensor(timm_op(to_pil(x), name, argument, resample))
+                assert torch.equal(got, expected), (name, argument, resample, (got.int() - expected.int()).abs().max())
+
+
+def test_randaugment_identities_at_level_zero_and_one():
+    """Level 0: no rotation, shear, translation or addition (identities); Solarize at threshold 0
+    inverts every pixel, Posterize keeps 0 bits (black), the enhance factor 0.1 is strong, not the
+    identity (that is factor 1.0, level 0.5). Level 1 (m = 10, half of all draws): Solarize's
+    threshold 256 inverts nothing."""
+    def at(name, level, resample="bilinear"):
+        return augment.ra_apply(x, name, augment.RA_ARGUMENTS[name][0](level), resample)
+    for x in ra_images():
+        for name in augment.RA_GEOMETRIC:
+            assert torch.equal(at(name, 0.0, "bilinear"), x) and torch.equal(at(name, 0.0, "bicubic"), x), name
+        assert torch.equal(at("SolarizeAdd", 0.0), x)
+        assert torch.equal(at("Solarize", 0.0), 255 - x)
+        assert at("Posterize", 0.0).max() == 0
+        for name in ("Color", "Contrast", "Brightness", "Sharpness"):
+            assert torch.equal(at(name, 0.5), x), name
+            assert (at(name, 0.0).int() - x.int()).abs().float().mean() > 1, name
+        assert torch.equal(at("Solarize", 1.0), x)
+        assert not torch.equal(at("Solarize", 0.96), x) or x.max() < 245
+
+
+def test_randaugment_draws_are_timms():
+    """The random part over 20000 images: 2 ops uniform with replacement, each applied with p 0.5,
+    m ~ N(10, 0.5) clipped to [0, 10] (so half at 10; below it 10 - m is half-normal, mean
+    0.5 sqrt(2/pi)), fair signs where signed, a fair bilinear/bicubic choice for geometric ops only.
+    Bounds: 4 binomial (or normal) standard deviations."""
+    torch.manual_seed(0)
+    ra, n = augment.RandAugment(), 20000
+    draws = [ra.draw() for _ in range(n)]
+    applied = np.bincount([len(calls) for calls in draws], minlength=3) / n
+    assert np.allclose(applied, [0.25, 0.5, 0.25], atol=4 * math.sqrt(0.25 / n))
+    calls = [call for image in draws for call in image]
+    counts = np.array([sum(c[0] == name for c in calls) for name in augment.RA_OPS])
+    assert np.abs(counts - len(calls) / 15).max() < 4 * math.sqrt(len(calls) / 15)
+    levels = []  # m / 10 recovered from the continuous arguments
+    for name, argument, resample in calls:
+        assert (resample in ("bilinear", "bicubic")) == (name in augment.RA_GEOMETRIC)
+        scale = {"Rotate": 30, "ShearX": 0.3, "ShearY": 0.3, "TranslateXRel": 0.45, "TranslateYRel": 0.45}.get(name)
+        if scale:
+            levels.append(abs(argument) / scale)
+        elif name in ("Color", "Contrast", "Brightness", "Sharpness"):
+            levels.append((argument - 0.1) / 1.8)
+    levels = np.array(levels)
+    assert levels.min() >= 0 and levels.max() <= 1 + 1e-12
+    at_max = np.isclose(levels, 1.0)
+    assert abs(at_max.mean() - 0.5) < 4 * math.sqrt(0.25 / len(levels))
+    below = 10 * (1 - levels[~at_max])  # 10 - m
+    assert abs(below.mean() - 0.5 * math.sqrt(2 / math.pi)) < 4 * 0.5 * math.sqrt(1 - 2 / math.pi) / math.sqrt(len(below))
+    signed = [c for c in calls if c[0] in augment.RA_GEOMETRIC]
+    for fraction in (np.mean([c[1] < 0 for c in signed]), np.mean([c[2] == "bicubic" for c in signed])):
+        assert abs(fraction - 0.5) < 4 * math.sqrt(0.25 / len(signed))
+    bits = [c[1] for c in calls if c[0] == "Posterize"]
+    assert set(bits) <= {2, 3, 4} and abs(np.mean(np.array(bits) == 4) - 0.5) < 4 * math.sqrt(0.25 / len(bits))
+
+
+def test_randaugment_is_its_draws_applied_as_timm_does():
+    """forward = draw() then the ops in order, each as timm's PIL call; the same seed gives the same
+    image (SeededDataset seeds the torch RNG per sample)."""
+    ra = augment.RandAugment()
+    for x in ra_images():
+        for seed in range(40):
+            torch.manual_seed(seed)
+            got = ra(x)
+            torch.manual_seed(seed)
+            image = to_pil(x)
+            for name, argument, resample in ra.draw():
+                image = timm_op(image, name, argument, resample)
+            assert torch.equal(got, to_tensor(image))
+    stronger = augment.dataset("synthetic", "train", augment.Views(32, source_aug="stronger", multicrop=2), seed=3)
+    first = stronger[5][0]
+    assert all(torch.equal(first[k], v) for k, v in stronger[5][0].items())
+
+
+def test_randaugment_figures(cifar10):
+    """The spec's figures for timm's RandAugment (400 images at 224 px): 27% of the images unchanged
+    and a mean |RA(x) - x| of 36.7 grey levels (torchvision's RandAugment(2, 10): 1% and 38.0).
+    Here 500 real CIFAR-10 images (50 a class) upscaled to 64 px: every op is per pixel or has a
+    size-free argument (angle, shear, fraction), so the figures do not depend on the size of an
+    upscaled image (measured on these images: 30.0% and 32.9 at 224 px, 30.2% and 33.0 at 64 px).
+    Tolerances: 3 binomial standard deviations for the fraction (0.06 at n = 500); for the mean,
+    3 standard errors plus 10% for the image set (30.6 on 400 images of mostly one class, 33.0
+    on these), which the spec does not name. The fraction tells timm's from torchvision's."""
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(os.path.join(cifar10, "train")) for f in names)
+    images = [to_tensor(Image.open(f).convert("RGB").resize((64, 64), Image.BILINEAR)) for f in files]
+    n, tolerance = len(images), 3 * math.sqrt(0.27 * 0.73 / len(images))
+    assert n == 500
+    for name, ra in (("timm's", augment.RandAugment()), ("torchvision's", v2.RandAugment(2, 10))):
+        torch.manual_seed(0)
+        changes = np.array([(ra(x).int() - x.int()).abs().float().mean().item() for x in images])
+        unchanged = (changes == 0).mean()
+        print(f"{name} RandAugment on {n} CIFAR-10 images at 64 px: {unchanged:.1%} unchanged, "
+              f"mean |RA(x) - x| {changes.mean():.1f} grey levels")
+        if name == "timm's":
+            assert abs(unchanged - 0.27) < tolerance, unchanged
+            assert abs(changes.mean() - 36.7) < 3 * changes.std() / math.sqrt(n) + 0.1 * 36.7, changes.mean()
+        else:
+            assert unchanged < 0.27 - tolerance
+
+
+# ---- Recipes per view kind in every combination of the designs ------------------------------
+SCRIPTS = ("mocov2_asym", "simsiam_asym", "mocov3_asym", "byol_asym", "simclr_asym", "barlow_asym")
+# the spec's recipes: colour-jitter strengths of each framework's (source, target) views, the
+# standard crops' min scale (MoCo v3's ResNet: 0.2) and the crops' interpolation
+SPEC_JITTER = {"mocov2": (0.4, 0.4, 0.4, 0.1), "byol": (0.4, 0.4, 0.2, 0.1), "simclr": (0.8, 0.8, 0.8, 0.2)}
+SPEC_FRAMEWORK = {  # script: (recipe family, standard min scale, interpolation)
+    "mocov2_asym": ("mocov2", 0.2, "bilinear"), "simsiam_asym": ("mocov2", 0.2, "bilinear"),
+    "mocov3_asym": ("byol", 0.2, "bilinear"), "byol_asym": ("byol", 0.08, "bicubic"),
+    "simclr_asym": ("simclr", 0.08, "bilinear"), "barlow_asym": ("byol", 0.08, "bicubic"),
+}
+MULTICROP_FLAGS = {None: [], "source": ["--multicrop"], "target": ["--multicrop-on", "target"],
+                   "both": ["--multicrop-on", "both"]}
+SCALEMIX_FLAGS = {None: [], "source": ["--scalemix"], "target": ["--scalemix-on", "target"],
+                  "both": ["--scalemix-on", "both"]}
+AUG_FLAGS = {("default", "default"): [], ("stronger", "weaker"): ["--asym-aug"],
+             **{(s, t): ["--source-aug", s, "--target-aug", t] for s in ("weaker", "default", "stronger")
+                for t in ("weaker", "default", "stronger") if (s, t) != ("default", "default")}}
+
+
+def recipe_of(transform):
+    """A view pipeline -> what it does: crop scale and interpolation, colour-jitter strengths (None:
+    crop and flip only), the byol2 recipe's solarize, and whether timm's RandAugment follows the flip."""
+    names = op_types(transform)
+    crop = transform.transforms[0]
+    jitter = [t.transforms[0] for t in transform.transforms if isinstance(t, v2.RandomApply)
+              and isinstance(t.transforms[0], v2.ColorJitter)]
+    strengths = None if not jitter else tuple(round(v, 6) for v in (
+        jitter[0].brightness[1] - 1, jitter[0].contrast[1] - 1, jitter[0].saturation[1] - 1, jitter[0].hue[1]))
+    randaugment = [t for t in transform.transforms if isinstance(t, augment.RandAugment)]
+    if randaugment:
+        assert names.index("RandAugment") == names.index("RandomHorizontalFlip") + 1
+        assert (randaugment[0].num_ops, randaugment[0].magnitude, randaugment[0].magnitude_std, randaugment[0].p) == (2, 10, 0.5, 0.5)
+    if strengths is None:
+        assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
+    return dict(scale=crop.scale, interpolation=v2.InterpolationMode(crop.interpolation).value, jitter=strengths,
+                solarize="RandomSolarize" in names, randaugment=bool(randaugment))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_recipes_per_view_kind_in_every_combination(script):
+    """Every combination of --multicrop(-on), --scalemix(-on), --asym-aug and --source-aug/--target-aug,
+    through the script's own parse_args and make_views: WeakerAug is crop (0.08, 1) + flip with or
+    without MultiCrop; the other standard crops start at 0.14 under MultiCrop, else at the recipe's
+    min; StrongerAug adds timm's RandAugment after the flip; MultiCrop's small crops (0.05, 0.14) take
+    the framework's default recipe of their encoder whatever its augmentation; every crop resamples
+    with the framework's interpolation."""
+    module = __import__(script)
+    family, standard_min, interpolation = SPEC_FRAMEWORK[script]
+    jitter = SPEC_JITTER[family]
+    for (multicrop_on, mc_flags), (scalemix_on, sm_flags), ((source_aug, target_aug), aug_flags) in itertools.product(
+            MULTICROP_FLAGS.items(), SCALEMIX_FLAGS.items(), AUG_FLAGS.items()):
+        views = module.make_views(module.parse_args(["--image-size", "224"] + mc_flags + sm_flags + aug_flags))
+        case = (script, multicrop_on, scalemix_on, source_aug, target_aug)
+        assert views.scalemix_on == scalemix_on and bool(views.multicrop) == bool(multicrop_on), case
+        for encoder, aug in (("source", source_aug), ("target", target_aug)):
+            recipe = recipe_of(views.transforms[encoder])
+            if aug == "weaker":
+                expected = dict(scale=(0.08, 1.0), jitter=None, randaugment=False)
+            else:
+                expected = dict(scale=(0.14 if multicrop_on else standard_min, 1.0), jitter=jitter, randaugment=aug == "stronger")
+            expected.update(interpolation=interpolation, solarize=family == "byol" and encoder == "target" and aug != "weaker")
+            assert recipe == expected, (case, encoder)
+            if multicrop_on in (encoder, "both"):
+                assert views.multicrop_on == multicrop_on and views.multicrop == 6
+                small = recipe_of(views.transforms[encoder + "_small"])
+                assert small == dict(scale=(0.05, 0.14), interpolation=interpolation, jitter=jitter,
+                                     solarize=family == "byol" and encoder == "target", randaugment=False), (case, encoder)
+
+
+@pytest.mark.parametrize("framework", sorted(augment.FRAMEWORK_RECIPES))
+def test_crops_resample_with_the_frameworks_interpolation(framework):
+    """Bicubic for BYOL and Barlow Twins (their papers), bilinear for the others: every crop, also
+    WeakerAug's, the small crops and the --gpu-aug worker's; and the crop really resamples that way."""
+    expected = "bicubic" if framework in ("byol", "barlow") else "bilinear"
+    for device_aug in (False, True):
+        views = augment.Views(64, framework, "weaker", "stronger", multicrop=2, multicrop_on="both", device_aug=device_aug)
+        views_default = augment.Views(64, framework, device_aug=device_aug)
+        for transform in [*views.transforms.values(), *views_default.transforms.values()]:
+            if isinstance(transform, augment.DeviceAugView):
+                crop = transform.crop
+            else:
+                crop = (transform.transform if isinstance(transform, augment.FinishedOnWorker) else transform).transforms[0]
+            assert isinstance(crop, v2.RandomResizedCrop) and v2.InterpolationMode(crop.interpolation).value == expected
+    x = ra_images()[0]
+    torch.manual_seed(1)
+    weaker = augment.Views(32, framework, "weaker").transforms["source"](x)
+    torch.manual_seed(1)
+    by_hand = v2.Compose([v2.RandomResizedCrop(32, scale=(0.08, 1), interpolation=v2.InterpolationMode(expected), antialias=True),
+                          v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                          v2.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD)])(x)
+    torch.testing.assert_close(weaker, by_hand, atol=0, rtol=0)
 
 
 # ---- collate and seeding ---------------------------------------------------------------------
@@ -290,7 +574,7 @@ GPU_AUG_CASES = {
 @pytest.mark.parametrize("case", GPU_AUG_CASES)
 def test_gpu_aug_views_are_the_cpu_views(case):
     """Same seeds -> the same crops, flips, parameters and ScaleMix boxes as the CPU path. Views
-    finished on the worker (WeakerAug, StrongerAug) are equal; colour on the device differs only by
+    finished on the worker (WeakerAug, StrongerAug with its RandAugment) are equal; colour on the device differs only by
     the CPU path's rounding to uint8 after each operation (its truncation makes it about one grey
     level darker) and PIL's box-approximated blur."""
     size, kwargs = GPU_AUG_CASES[case]
@@ -304,7 +588,7 @@ def test_gpu_aug_views_are_the_cpu_views(case):
     std = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
     for kind, x in plain.items():
         levels = (finished[kind] - x) * std * 255  # grey levels
-        if (kind.startswith("source") and kwargs.get("source_aug")) or (kind.startswith("target") and kwargs.get("target_aug")):
+        if kwargs.get(kind + "_aug"):  # the standard views of WeakerAug / StrongerAug (small crops: the default recipe)
             torch.testing.assert_close(finished[kind], x, atol=1e-5, rtol=0)
         else:
             assert levels.abs().mean() < 2 and abs(levels.mean()) < 1.5, kind
