@@ -93,9 +93,9 @@ class GaussianBlur(torch.nn.Module):
 # not a third of torchvision's range). Every op reproduces PIL's, as timm calls it, on uint8
 # CxHxW tensors, to the bit: invert, posterize, solarize, equalize, brightness and sharpness are
 # torchvision's v2 ops (equal to PIL's); colour, contrast and autocontrast follow PIL's rounding
-# (torchvision's are a grey level off on up to half the pixels); the geometric ops are PIL's affine
-# resampling (pil_affine: torchvision's affine blends the fill into the border and uses another
-# cubic). The randomness comes from the torch RNG, which SeededDataset seeds per sample, drawn in
+# (torchvision's are a grey level off on up to half the pixels); the geometric ops call PIL itself
+# (pil_geometric: torchvision's affine blends the fill into the border and uses another cubic). The
+# randomness comes from the torch RNG, which SeededDataset seeds per sample, drawn in
 # timm's order: the ops, then per op its p, magnitude, sign and resampling.
 RA_FILL = 128  # timm's grey fill (128, 128, 128) for the geometric ops
 
@@ -144,55 +144,29 @@ def solarize_add(x, addition, threshold=128):
     return torch.where(x < threshold, (x.int() + addition).clamp(max=255).to(torch.uint8), x)
 
 
+PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def pil_geometric(x, transform):
+    """A geometric op done by PIL itself, as timm does (and as GaussianBlur here): uint8 3xHxW -> PIL
+    image -> transform(image) -> uint8 3xHxW. torchvision's affine differs from PIL's in the border
+    pixels (it blends the fill in), the bicubic kernel (a = -0.75, PIL's -1) and rounding; calling
+    PIL is exact and about 4x faster than a tensor resampler that matches it to the bit."""
+    image = transform(Image.fromarray(x.permute(1, 2, 0).numpy()))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
 def pil_affine(x, matrix, resample, fill=RA_FILL):
-    """PIL's Image.transform(size, AFFINE, matrix, resample, fillcolor=fill) on uint8 CxHxW, to the bit.
-    Output pixel (row i, column j) samples the input at (a x + b y + c, d x + e y + f), (x, y) =
-    (j + 0.5, i + 0.5): coordinates of pixel edges, so shears are about the top-left corner. A sample
-    point outside [0, W) x [0, H) gets the fill; one inside is interpolated from edge-clamped
-    neighbours, bilinear or by PIL's cubic convolution (a = -1: sharper than torch's -0.75), and
-    truncated to uint8. torchvision's affine differs in all three (centre convention aside): it
-    blends the fill into border pixels, uses a = -0.75 and rounds."""
-    channels, height, width = x.shape
-    a, b, c, d, e, f = matrix
-    rows = torch.arange(height, dtype=torch.float64).view(-1, 1) + 0.5
-    cols = torch.arange(width, dtype=torch.float64).view(1, -1) + 0.5
-    source_x, source_y = a * cols + b * rows + c, d * cols + e * rows + f  # HxW each, float64 as PIL
-    inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
-    u, v = source_x - 0.5, source_y - 0.5  # in pixel-centre units
-    u0, v0 = u.floor(), v.floor()
-    du, dv = (u - u0).flatten(), (v - v0).flatten()  # H*W
-    taps = (0, 1) if resample == "bilinear" else (-1, 0, 1, 2)
-    columns = [(u0 + t).clamp(0, width - 1).long().flatten() for t in taps]  # edge-clamped neighbours
-    row_starts = [(v0 + t).clamp(0, height - 1).long().flatten() * width for t in taps]
-    pixels = x.reshape(channels, -1).to(torch.int16)  # the differences of neighbours stay exact
-
-    def interpolate(values, t):  # PIL's BILINEAR and BICUBIC macros, in their order of operations
-        if len(values) == 2:
-            p = values[0], values[1] - values[0]
-        else:  # int16 along x (exact), float64 along y; -a + b is b - a exactly
-            v1, v2, v3, v4 = values
-            p = v2, v3 - v1, 2 * (v1 - v2) + v3 - v4, v2 - v1 - v3 + v4
-        p = [c.double() for c in p]  # (mixed-type arithmetic is many times slower)
-        result = p[-1]
-        for c in reversed(p[:-1]):  # Horner: p1 + t (p2 + t (p3 + t p4))
-            result = c + t * result
-        return result
-
-    def row(start):  # one row of neighbours interpolated along x: Cx(H*W)
-        return interpolate([pixels.gather(1, (start + column).expand(channels, -1)) for column in columns], du)
-
-    sampled = interpolate([row(start) for start in row_starts], dv).clamp(0, 255).to(torch.uint8)  # truncates
-    return torch.where(inside, sampled.view_as(x), torch.tensor(fill, dtype=torch.uint8))
+    """PIL's Image.transform(size, AFFINE, matrix, resample, fillcolor=grey): output pixel (x, y), in
+    pixel-edge coordinates, samples the input at (a x + b y + c, d x + e y + f), so a shear turns
+    about the top-left corner, as in timm."""
+    return pil_geometric(x, lambda image: image.transform(image.size, Image.AFFINE, matrix, PIL_RESAMPLE[resample],
+                                                          fillcolor=(fill,) * 3))
 
 
-def pil_rotate(x, degrees, resample):
-    """Image.rotate(degrees, resample, fillcolor): counter-clockwise about the image centre, with
-    PIL's matrix (angle taken mod 360, cosine and sine rounded to 15 decimals)."""
-    height, width = x.shape[-2:]
-    angle = -math.radians(degrees % 360.0)
-    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
-    cx, cy = width / 2, height / 2
-    return pil_affine(x, (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy), resample)
+def pil_rotate(x, degrees, resample, fill=RA_FILL):
+    """PIL's Image.rotate(degrees, resample, fillcolor=grey): counter-clockwise about the centre."""
+    return pil_geometric(x, lambda image: image.rotate(degrees, resample=PIL_RESAMPLE[resample], fillcolor=(fill,) * 3))
 
 
 # name -> (level l in [0, 1] -> argument, whether the argument's sign flips with p 0.5), as timm's

@@ -228,8 +228,8 @@ def test_randaugment_arguments_at_a_level_are_timms():
 @pytest.mark.parametrize("name", augment.RA_OPS)
 def test_randaugment_op_is_pils(name):
     """Each op on uint8 tensors equals timm's call of PIL with the same argument, to the bit, at
-    levels 0 to 1, both signs and both resamplings (no tolerance needed: the tensor ops follow PIL's
-    coordinates, clamping, cubic kernel and rounding)."""
+    levels 0 to 1, both signs and both resamplings (no tolerance: the tensor ops follow PIL's rounding;
+    the geometric ops call PIL with the matrix and fill computed here, checked against timm's)."""
     spec = augment.RA_ARGUMENTS[name]
     arguments = [None] if spec is None else sorted({s * spec[0](level) for level in (0.0, 0.37, 0.93, 1.0)
                                                     for s in ((1, -1) if spec[1] else (1,))})
