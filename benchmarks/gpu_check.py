@@ -28,6 +28,7 @@ built-in synthetic shapes and say so.
 """
 import argparse
 import datetime
+import importlib.metadata
 import os
 import shlex
 import shutil
@@ -185,19 +186,32 @@ def machine(kit):
         query = subprocess.run(["timeout", "20", "nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                 "--format=csv,noheader"], capture_output=True, text=True)
         gpu = query.stdout.strip() or query.stderr.strip()[:200]
-    versions = subprocess.run(["timeout", "60", sys.executable, "-c", "import sys, torch, torchvision; print("
-                               "f'python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-                               "CUDA available: {torch.cuda.is_available()}')"], capture_output=True, text=True, env=kit.env)
+    versions = ", ".join(f"{name} {installed(name)}" for name in ("torch", "torchvision", "numpy", "pillow"))
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    kit.emit(f"- GPU: {gpu}; CPUs: {os.cpu_count()}; {versions.stdout.strip() or versions.stderr.strip()[-200:]}; "
-             f"commit {commit or '?'}")
+    kit.emit(f"- GPU: {gpu}; CPUs: {os.cpu_count()}; python {sys.version.split()[0]}, {versions}; commit {commit or '?'}")
     kit.emit(f"- mode: {'CPU smoke' if kit.smoke else 'GPU'}; parts {' '.join(kit.args.parts)}; budget {kit.args.budget:.0f} s; "
              f"CIFAR-10: {kit.args.cifar_tar or 'not found (synthetic shapes instead)'}; work dir {kit.work}")
 
 
+def installed(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def small_folder(kit):
+    """A small ImageFolder with train/ and test/ for the evaluation tools: 20 (smoke: 10) CIFAR-10 images
+    a class, or the built-in shapes without the tarball."""
+    if not kit.args.cifar_tar:
+        return synthetic_folder(kit)
+    folder = os.path.join(kit.work, "cifar_small")
+    return folder if os.path.isdir(folder) else cifar_compare.extract_cifar(kit.args.cifar_tar, folder, 10 if kit.smoke else 20)
+
+
 def synthetic_folder(kit):
-    """A small ImageFolder of the built-in shapes (train 600, test 100), for transfer.py and for part e
-    without the CIFAR-10 tarball; made by a child process (no torch in this one)."""
+    """An ImageFolder of the built-in shapes (train 600, test 100), for part e without the CIFAR-10
+    tarball; made by a child process (no torch in this one)."""
     folder = os.path.join(kit.work, "shapes")
     if not os.path.isdir(folder):
         code = ("import os, sys, augment\n"
@@ -225,7 +239,7 @@ def part_smoke(kit):
         base = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0",
                 "--max-steps", "1", "--print-freq", "1", "--knn-every", "-1"]
         launch = lambda script: kit.python(script)  # noqa: E731
-        vit = ["--arch", "vit_small", "--patch-size", "8"]
+        vit = ["--arch", "vit_small", "--patch-size", "16"]
     else:
         base = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "64", "--batch-size", "64", "--workers", "2",
                 "--max-steps", "20", "--print-freq", "10", "--knn-every", "-1"]
@@ -248,12 +262,12 @@ def part_smoke(kit):
         kit.emit("\nno MoCo v2 checkpoint: the evaluation tools did not run")
         return
     size, steps, workers = ("32", "2", "0") if kit.smoke else ("64", "20", "2")
-    folder = synthetic_folder(kit)
+    folder = small_folder(kit)
     kit.run_together([
-        ("lincls.py", kit.python("lincls.py", "--pretrained", checkpoint, "--data", "synthetic", "--image-size", size,
+        ("lincls.py", kit.python("lincls.py", "--pretrained", checkpoint, "--data", folder, "--image-size", size,
                                  "--batch-size", "64", "--epochs", "1", "--max-steps", steps, "--workers", workers,
                                  "--output-dir", os.path.join(kit.work, "lincls"))),
-        ("variance.py", kit.python("variance.py", "--checkpoint", checkpoint, "--data", "synthetic", "--num-images", "32",
+        ("variance.py", kit.python("variance.py", "--checkpoint", checkpoint, "--data", folder, "--num-images", "32",
                                    "--views", "4", "--batch-size", "16", "--workers", workers, "--collapse",
                                    "--output-dir", os.path.join(kit.work, "variance"))),
         ("transfer.py", kit.python("transfer.py", "--pretrained", os.path.join(out["mocov2 composition"], "backbone.pth"),
