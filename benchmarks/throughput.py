@@ -5,7 +5,8 @@ target update (and MoCo v2's enqueue; with --gpu-aug, also the views' colour ope
 --data-on-device the making of every view from uint8 images on the device, which then belong to
 the step), on ready tensors already on the device, after warm-up; several repeats, median and
 spread. Reports images/s, step time, peak memory, and the achieved FLOP/s
-(torch.utils.flop_counter) with its share of the device's peak where the peak is known; how long
+(torch.utils.flop_counter) with its share of the device's peak where the peak is known, and the
+FLOPs relative to the first configuration beside its time relative to the first; how long
 building the model and the batch took (setup) and the warm-up steps (cuDNN autotuning, compiling);
 and on CUDA the host-device synchronisations one step makes (torch.cuda.set_sync_debug_mode): 0
 means the host never waits for the GPU inside the step. Each configuration's row is printed the
@@ -221,19 +222,20 @@ def print_header(bench, device):
     memory = "peak GiB" if device.type == "cuda" else "RSS GiB"
     print(f"{bench.script} {' '.join(bench.script_argv)} | {name} | torch {torch.__version__} | "
           f"{bench.repeats} x {bench.steps} steps after {bench.warmup} warm-up", flush=True)
-    print(f"| config | images/s | step ms (spread) | step time / first | {memory} | GFLOP/step | TFLOP/s | of peak | "
-          f"setup s | warm-up s | syncs/step |", flush=True)
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(f"| config | images/s | step ms (spread) | step time / first | FLOPs / first | {memory} | GFLOP/step | TFLOP/s | "
+          f"of peak | setup s | warm-up s | syncs/step |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
 
 
 def print_row(r):
     if "error" in r:
-        print(f"| `{r['config']}` | failed: {r['error']} | | | | | | | | | |", flush=True)
+        print(f"| `{r['config']}` | failed: {r['error']} | | | | | | | | | | |", flush=True)
         return
     share = f"{100 * r['peak_share']:.0f}%" if r["peak_share"] else "-"
     ratio = f"{r['time_ratio']:.2f}x" if r.get("time_ratio") else "-"
+    flop_ratio = f"{r['flop_ratio']:.2f}x" if r.get("flop_ratio") else "-"
     syncs = "-" if r["syncs"] is None else r["syncs"]
-    print(f"| `{r['config']}` | {r['images_per_s']:.1f} | {r['step_ms']:.1f} ({r['spread_ms']:.1f}) | {ratio} | "
+    print(f"| `{r['config']}` | {r['images_per_s']:.1f} | {r['step_ms']:.1f} ({r['spread_ms']:.1f}) | {ratio} | {flop_ratio} | "
           f"{r['memory_gib']:.2f} | {r['gflop_per_step']:.1f} | {r['tflop_per_s']:.2f} | {share} | {r['setup_s']:.1f} | "
           f"{r['warmup_s']:.1f} | {syncs} |", flush=True)
 
@@ -251,6 +253,7 @@ def run(bench):
             first = first or row
             row["ratio"] = first["step_ms"] / row["step_ms"]  # throughput relative to the first
             row["time_ratio"] = row["step_ms"] / first["step_ms"]
+            row["flop_ratio"] = row["gflop_per_step"] / first["gflop_per_step"] if first["gflop_per_step"] else None
         print_row(row)
         rows.append(row)
     return rows, device
