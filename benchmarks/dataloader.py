@@ -13,6 +13,10 @@ per-worker figure.
 colour parameters) and, separately, the device's half (augment.finish_views on the last batch, on
 the GPU if there is one): the two together are what a training run with --gpu-aug pays.
 
+With 0 workers the recipe runs in this process on one thread, as a worker does, and the row also
+gives images per second of CPU time: the rate of one core, which other processes on a shared
+machine do not change (wall-clock rates there do).
+
 `--data-on-device` measures, per recipe, the images/s of the views made on the device from the
 images held there as uint8 (augment.OnDevice, on the GPU if there is one): no workers at all.
 
@@ -148,7 +152,9 @@ def time_on_device(data, recipe, args, repeats=5):
 
 def measure(data, recipe, workers, args):
     """-> images/s and views/s over args.images images (the first batch, worker start-up, untimed),
-    and with --gpu-aug the device half's images/s (else None)."""
+    with --gpu-aug the device half's images/s (else None), and with 0 workers the images per second
+    of this process's CPU time, on one thread as a worker runs (else None): a per-core rate that
+    other processes on a shared machine do not change."""
     transform = (decode_only if RECIPES[recipe] is None
                  else augment.Views(args.image_size, device_aug=args.gpu_aug, **RECIPES[recipe]))
     dataset = augment.dataset(data, "train", transform)
@@ -157,15 +163,19 @@ def measure(data, recipe, workers, args):
                                          num_workers=workers, collate_fn=augment.collate_views)
     images = views = 0
     start = None
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # as in a data worker
     for batch, labels in loader:
         if start is None:  # the first batch pays for starting the workers
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             continue
         images += len(labels)
         views += count_views(batch) if RECIPES[recipe] is not None else 0
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    torch.set_num_threads(threads)
     device_half = time_device_half(batch, len(labels)) if args.gpu_aug and RECIPES[recipe] is not None else None
-    return images / elapsed, views / elapsed, device_half
+    return images / elapsed, views / elapsed, device_half, images / cpu if workers == 0 else None
 
 
 def print_header(args):
@@ -177,8 +187,8 @@ def print_header(args):
     extra = f" device half images/s ({device}) |" if args.gpu_aug else ""
     extra += f" on-device views images/s ({device}) |" if args.data_on_device else ""
     print(f"| recipe{' (--gpu-aug: workers half)' if args.gpu_aug else ''} | workers | images/s | views/s | "
-          f"images/s per worker |{extra}", flush=True)
-    print("|---|---|---|---|---|" + "---|" * (args.gpu_aug + args.data_on_device), flush=True)
+          f"images/s per worker | images per CPU s |{extra}", flush=True)
+    print("|---|---|---|---|---|---|" + "---|" * (args.gpu_aug + args.data_on_device), flush=True)
 
 
 def print_row(args, r):
@@ -186,7 +196,7 @@ def print_row(args, r):
     extra = number(r["device_half_images_per_s"]) if args.gpu_aug else ""
     extra += number(r["on_device_images_per_s"]) if args.data_on_device else ""
     print(f"| {r['recipe']} | {r['workers']} | {r['images_per_s']:.0f} | {r['views_per_s']:.0f} | "
-          f"{r['images_per_s_per_worker']:.0f} |{extra}", flush=True)
+          f"{r['images_per_s_per_worker']:.0f} |{number(r['images_per_cpu_s'])}{extra}", flush=True)
 
 
 def run(args):
@@ -199,10 +209,11 @@ def run(args):
         for recipe in args.recipes:
             on_device = time_on_device(data, recipe, args) if args.data_on_device and RECIPES[recipe] is not None else None
             for workers in args.workers:
-                images_per_s, views_per_s, device_half = measure(data, recipe, workers, args)
+                images_per_s, views_per_s, device_half, per_cpu_s = measure(data, recipe, workers, args)
                 rows.append({"recipe": recipe, "workers": workers, "images_per_s": images_per_s,
                              "views_per_s": views_per_s, "images_per_s_per_worker": images_per_s / max(1, workers),
-                             "device_half_images_per_s": device_half, "on_device_images_per_s": on_device})
+                             "images_per_cpu_s": per_cpu_s, "device_half_images_per_s": device_half,
+                             "on_device_images_per_s": on_device})
                 print_row(args, rows[-1])
     return rows
 

@@ -196,7 +196,7 @@ def test_kit_cpu_smoke_runs_every_part(tmp_path):
     assert [r[0] for r in data] == ["baseline", "multicrop", "baseline", "multicrop", "meanenc"]
     for r in data:  # views per image; the device half (--gpu-aug) or the views made on the device
         assert float(r[3]) / float(r[2]) == pytest.approx({"baseline": 2, "multicrop": 8, "meanenc": 3}[r[0]], rel=1e-2)
-        assert float(r[5]) > 0
+        assert float(r[6]) > 0
     knn = re.findall(r"^\| (baseline|asym) \| (\d+) \| ([\d.]+) \|", parts["e"], re.M)
     assert {(run, epoch) for run, epoch, _ in knn} == {("baseline", "0"), ("asym", "0"), ("baseline", "1"), ("asym", "1")}
     assert all(0 <= float(v) <= 100 for _, _, v in knn) and "baseline: exit code 0" in parts["e"] and "asym: exit code 0" in parts["e"]
