@@ -55,7 +55,7 @@ def parse_args(argv=None):
     g.add_argument("--gpu-aug", action="store_true",
                    help="colour operations and normalisation batched on the device; workers only crop and flip (data-bound GPU runs: MultiCrop)")
     g.add_argument("--data-on-device", action="store_true",
-                   help="decode the training images once into the device's memory (uint8) and make every view there, no workers in the loop (small data sets: CIFAR, STL-10)")
+                   help="keep the training images in the device's memory (uint8) and make every view there: small data sets (CIFAR, STL-10)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help="any torchvision ResNet: " + ", ".join(RESNETS))
     g.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 first conv and no max-pool, for 32 px images")

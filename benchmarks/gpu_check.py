@@ -57,8 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"),
                    help="results directory (default: $OUT if set)")
     p.add_argument("--parts", nargs="+", default=list(ORDER), choices=list(ORDER), help="parts to run (always in the order aebdcf)")
-    p.add_argument("--budget", type=float, default=480, help="seconds for all parts together; a part gets what is left, at most its own limit")
-    p.add_argument("--cpu-smoke", action="store_true", help="every part for seconds on the CPU (no GPU used even where there is one)")
+    p.add_argument("--budget", type=float, default=480,
+                   help="seconds for all parts together; a part gets what is left, at most its own limit")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="every part for seconds on the CPU (no GPU used even where there is one)")
     p.add_argument("--cifar-tar", help=f"the CIFAR-10 JPEG tarball (default: {TAR_NAME} in shared/data, ../shared/data or data)")
     p.add_argument("--work-dir", help="runs and checkpoints (default: a new temporary directory, removed at the end)")
     args = p.parse_args(argv)
@@ -120,7 +122,8 @@ class Kit:
         self.emit(f"`{shown(cmd)}`\n")
         full, limit = self.timed(cmd, limit)
         start, tail = time.time(), []
-        proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=self.env)
+        proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                cwd=ROOT, env=self.env)
         for line in proc.stdout:
             line = line.rstrip("\n")
             noise = line.startswith((" ", "\t", "Traceback")) or "Warning" in line or "warn(" in line
@@ -154,7 +157,7 @@ class Kit:
                     continue
                 codes[name] = proc.returncode
                 out.close()
-                lines = [line.strip() for line in open(out.name) if line.strip()]
+                lines = [line.strip() for line in open(out.name, errors="replace") if line.strip()]
                 last = (lines[-1] if lines else "")[:160].replace("|", "/")
                 status = "killed at the limit" if proc.returncode in (124, 137) else str(proc.returncode)
                 self.emit(f"| {name} | {status} | {time.time() - start:.0f} | {last} |")
@@ -187,7 +190,10 @@ def machine(kit):
                                 "--format=csv,noheader"], capture_output=True, text=True)
         gpu = query.stdout.strip() or query.stderr.strip()[:200]
     versions = ", ".join(f"{name} {installed(name)}" for name in ("torch", "torchvision", "numpy", "pillow"))
-    commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:  # the GPU machine's copy of the tree may have no .git, or no git
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     kit.emit(f"- GPU: {gpu}; CPUs: {os.cpu_count()}; python {sys.version.split()[0]}, {versions}; commit {commit or '?'}")
     kit.emit(f"- mode: {'CPU smoke' if kit.smoke else 'GPU'}; parts {' '.join(kit.args.parts)}; budget {kit.args.budget:.0f} s; "
              f"CIFAR-10: {kit.args.cifar_tar or 'not found (synthetic shapes instead)'}; work dir {kit.work}")
@@ -247,12 +253,14 @@ def part_smoke(kit):
                                  os.path.join(ROOT, script)]
         vit = ["--arch", "vit_small", "--image-size", "224", "--batch-size", "32"]
     designs = COMPOSITION.split() + ["--gpu-aug"]
+    fp16 = [] if kit.smoke else ["--amp", "fp16"]  # GradScaler's path: CUDA only
     runs = [("mocov2 composition", "mocov2_asym.py", designs),
-            ("mocov2 scalemix asym-aug", "mocov2_asym.py", ["--scalemix", "--asym-aug", "--channels-last"] + ([] if kit.smoke else ["--amp", "fp16"])),
+            ("mocov2 scalemix asym-aug", "mocov2_asym.py", ["--scalemix", "--asym-aug", "--channels-last"] + fp16),
             ("mocov2 data-on-device", "mocov2_asym.py", ["--data-on-device", "--cifar-stem", "--scalemix"] + COMPOSITION.split()),
             ("mocov3 resnet18", "mocov3_asym.py", designs), ("mocov3 vit_small", "mocov3_asym.py", vit + designs),
             ("byol", "byol_asym.py", designs), ("simsiam", "simsiam_asym.py", designs),
-            ("simclr scalemix", "simclr_asym.py", designs + ["--scalemix"]), ("barlow asym-aug", "barlow_asym.py", designs + ["--asym-aug"])]
+            ("simclr scalemix", "simclr_asym.py", designs + ["--scalemix"]),
+            ("barlow asym-aug", "barlow_asym.py", designs + ["--asym-aug"])]
     out = {name: os.path.join(kit.work, "smoke", name.replace(" ", "_")) for name, _, _ in runs}
     kit.emit("| command | exit code | seconds | last line |\n|---|---|---|---|")
     codes = kit.run_together([(name, launch(script) + base + (SMALL_HEADS[script] if kit.smoke else []) + extra
@@ -358,7 +366,10 @@ def main(argv=None):
     args = parse_args(argv)
     kit = Kit(args)
     print(f"results: {kit.results_path}", flush=True)
-    machine(kit)
+    try:
+        machine(kit)
+    except Exception as e:  # the header must not cost the parts
+        kit.emit(f"- (header incomplete: {type(e).__name__}: {e})")
     for key in args.parts:
         kit.part(key, PARTS[key])
     kit.emit(f"\ndone in {time.time() - kit.start:.0f} s")

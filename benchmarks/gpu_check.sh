@@ -6,4 +6,5 @@
 #     bash benchmarks/gpu_check.sh --cpu-smoke --out /tmp/kit # every part for seconds on the CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" benchmarks/gpu_check.py "$@"
+# the Python that holds torch: $PYTHON, else python3 (the GPU machine's), else python
+exec "${PYTHON:-$(command -v python3 || command -v python)}" benchmarks/gpu_check.py "$@"

@@ -191,8 +191,8 @@ def test_kit_cpu_smoke_runs_every_part(tmp_path):
         assert len(rows) == configs, key
         assert all(float(r[1]) > 0 and r[3].endswith("x") for r in rows), key
         assert sum(r[3] == "1.00x" for r in rows) == {"b": 1, "c": 5, "f": 1}[key]
-    data = [[c.strip() for c in line.split("|")[1:-1]] for line in parts["d"].splitlines() if line.startswith("| ") and "---" not in line
-            and not line.startswith("| recipe")]
+    data = [[c.strip() for c in line.split("|")[1:-1]] for line in parts["d"].splitlines()
+            if line.startswith("| ") and "---" not in line and not line.startswith("| recipe")]
     assert [r[0] for r in data] == ["baseline", "multicrop", "baseline", "multicrop", "meanenc"]
     for r in data:  # views per image; the device half (--gpu-aug) or the views made on the device
         assert float(r[3]) / float(r[2]) == pytest.approx({"baseline": 2, "multicrop": 8, "meanenc": 3}[r[0]], rel=1e-2)
