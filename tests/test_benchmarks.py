@@ -203,3 +203,44 @@ def test_kit_cpu_smoke_runs_every_part(tmp_path):
     assert re.search(r"epochs: 1, kNN every 1: \d+ steps an epoch", parts["e"])
     assert (out / "cifar_baseline.jsonl").exists() and (out / "cifar_asym.jsonl").exists() and (out / "gpu_check.log").exists()
     assert not list(out.rglob("*.pth")) and len(list(out.iterdir())) <= 8
+
+
+def test_kit_gpu_commands_are_valid_command_lines(tmp_path, monkeypatch):
+    """The GPU mode is not run here: every command it would run is parsed by the parser of the tool it
+    calls (and each throughput configuration by the script's own), so a wrong flag cannot wait for a GPU."""
+    import importlib
+    import cifar_compare
+    import gpu_check
+    commands = []
+    kit = gpu_check.Kit(gpu_check.parse_args(["--out", str(tmp_path), "--work-dir", str(tmp_path / "work")]))
+    kit.part_end = time.time() + 600
+
+    def together(cmds, limit=None):
+        for _, cmd in cmds:
+            commands.append(cmd)
+            if "--output-dir" in cmd:  # as if it ran: the evaluation tools need the MoCo v2 checkpoint
+                out = cmd[cmd.index("--output-dir") + 1]
+                os.makedirs(out, exist_ok=True)
+                open(os.path.join(out, "checkpoint.pth"), "w").close()
+        return {name: 0 for name, _ in cmds}
+    monkeypatch.setattr(kit, "run", lambda cmd, limit=None: commands.append(cmd) or 0)
+    monkeypatch.setattr(kit, "run_together", together)
+    for part in gpu_check.ORDER:
+        gpu_check.PARTS[part](kit)
+    tools = {}
+    for cmd in commands:
+        if cmd[1:3] == ["-m", "torch.distributed.run"]:
+            cmd = cmd[:1] + cmd[5:]  # python -m torch.distributed.run --standalone --nproc_per_node=1 SCRIPT ...
+        name, argv = os.path.basename(cmd[1])[:-3], cmd[2:]
+        tools[name] = tools.get(name, 0) + 1
+        if name == "throughput":
+            bench = throughput.parse_args(argv)
+            script = importlib.import_module(bench.script[:-3])
+            for extra in bench.compare:
+                script.parse_args(bench.script_argv + extra.split())
+        elif name in ("dataloader", "cifar_compare"):
+            {"dataloader": dataloader, "cifar_compare": cifar_compare}[name].parse_args(argv)
+        else:
+            importlib.import_module(name).parse_args(argv)
+    assert tools == {"mocov2_asym": 3, "mocov3_asym": 2, "byol_asym": 1, "simsiam_asym": 1, "simclr_asym": 1, "barlow_asym": 1,
+                     "lincls": 1, "variance": 1, "transfer": 1, "cifar_compare": 1, "throughput": 8, "dataloader": 2}
