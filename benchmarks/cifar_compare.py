@@ -16,7 +16,6 @@ plumbing, not the claim. The runs and their checkpoints stay in --work-dir; --ou
 two logs (cifar_baseline.jsonl, cifar_asym.jsonl) and the plot (cifar_knn.png, with matplotlib).
 """
 import argparse
-import json
 import math
 import os
 import shutil

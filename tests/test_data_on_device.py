@@ -161,12 +161,12 @@ def tinted_shapes(n):
     return (torch.stack([TF.pil_to_tensor(base[i][0]) for i in range(n)]) * tint).round().to(torch.uint8)
 
 
-@pytest.mark.parametrize("size, settings", [(32, {}), (64, dict(framework="byol", multicrop=2, scalemix_on="source"))])
+@pytest.mark.parametrize("size, settings", [(32, dict(multicrop=2)), (64, dict(framework="byol", scalemix_on="source"))])
 def test_device_views_are_the_cpu_views_in_distribution(size, settings):
     """The same tinted images, each viewed 3 times by the CPU path (Views) and by DeviceViews: the
     same kinds and shapes, and per-view statistics (colour, contrast, zoom, the share of gray
-    views) whose means agree (z < 5). WeakerAug on the target, which never turns a view gray, is
-    told apart (z > 5): the statistics see a recipe's difference."""
+    views) whose means agree (z < 4; about 1 is typical). WeakerAug on the target, which never
+    turns a view gray, is told apart (z > 4): the statistics see a recipe's difference."""
     n = 48
     images = tinted_shapes(n)
     cpu_set = augment.SeededDataset([(TF.to_pil_image(image), 0) for image in images], augment.Views(size, **settings), seed=1)
@@ -179,9 +179,10 @@ def test_device_views_are_the_cpu_views_in_distribution(size, settings):
     assert {k: v.shape for k, v in ours[0].items()} == {k: v.shape for k, v in cpu[0].items()}
     statistics = {k: [view_statistics(torch.cat([b[k] for b in batches])) for batches in (cpu, ours)] for k in cpu[0]}
     for kind, (a, b) in statistics.items():
-        assert largest_z(a, b) < 5, kind
-    weaker = [augment.DeviceViews(size, **dict(settings, target_aug="weaker"))(images, index, g) for _ in range(3)]
-    assert largest_z(statistics["target"][0], view_statistics(torch.cat([b["target"] for b in weaker]))) > 5
+        assert largest_z(a, b) < 4, kind
+    weaker_target = dict(settings, target_aug="weaker", scalemix_on=None)  # (the source's ScaleMix does not matter here)
+    weaker = [augment.DeviceViews(size, **weaker_target)(images, index, g) for _ in range(3)]
+    assert largest_z(statistics["target"][0], view_statistics(torch.cat([b["target"] for b in weaker]))) > 4
 
 
 def test_on_device_holds_the_decoded_images_and_batches_follow_the_indices(folder):
@@ -222,7 +223,7 @@ def test_resume_equals_uninterrupted(folder, tmp_path):
     """3 steps an epoch; stop mid-epoch (2), resume and cross the epoch's end (4): the same losses
     and weights as one run, with every view made on the device."""
     script = "mocov2_asym.py"
-    common = small(script) + ["--data", folder, "--data-on-device", "--scalemix", "--mean-enc", "2", "--bn-splits", "2"]
+    common = small(script) + ["--data", folder, "--data-on-device"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     module(script).main(common + ["--max-steps", "4", "--output-dir", str(whole)])
     for stop in ("2", "4"):
