@@ -520,6 +520,9 @@ class Views:
     def __init__(self, size, framework="mocov2", source_aug="default", target_aug="default",
                  n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None, crop_min=None,
                  device_aug=False):
+        self.settings = dict(size=size, framework=framework, source_aug=source_aug, target_aug=target_aug, n_source=n_source,
+                             n_target=n_target, multicrop=multicrop, multicrop_on=multicrop_on, scalemix_on=scalemix_on,
+                             crop_min=crop_min)  # what DeviceViews (--data-on-device) needs to make the same recipes
         self.n_source, self.n_target, self.scalemix_on = n_source, n_target, scalemix_on
         self.multicrop, self.multicrop_on, self.device_aug = multicrop, multicrop_on, device_aug
         interpolation = FRAMEWORK_INTERPOLATION[framework]
@@ -755,3 +758,198 @@ def base_dataset(data, split, data_root="data"):
 def dataset(data, split, transform, data_root="data", seed=0, skip_bad=False):
     """base_dataset(data, split) with a per-sample-seeded transform (SeededDataset)."""
     return SeededDataset(base_dataset(data, split, data_root), transform, seed, skip_bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# --data-on-device: a small data set kept on the device, every view made there
+# ---------------------------------------------------------------------------------------------
+# At 32 px a data worker makes the two views of a few hundred CIFAR images a second
+# (benchmarks/dataloader.py), while one GPU's step consumes thousands: MultiCrop's eight views
+# leave the GPU waiting even with 16 workers. A small data set fits in the device's memory as
+# uint8 (CIFAR-10's 50000 images: 150 MB), and every draw and pixel operation of a view can run
+# there on the whole batch: RandomResizedCrop's box (torchvision's ten tries, then its fallback),
+# its antialiased bilinear resize (torchvision's filter weights, as two batched matrix products,
+# which also flip), and the colour operations of --gpu-aug (photometric) with parameters drawn as
+# ColorJitter, RandomGrayscale, GaussianBlur and RandomSolarize draw them. The views are equal in
+# distribution to the CPU path's, not image by image: the draws come from a generator on the
+# device, seeded per (seed, epoch, batch, process), so a resumed run sees the same views, and a
+# different number of processes different ones. StrongerAug's RandAugment stays on the workers.
+def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
+    """n boxes (top, left, box height, box width), each as torchvision's RandomResizedCrop draws it:
+    up to `tries` draws of an area (scale x the image's) and a log-uniform aspect ratio, the first
+    that fits the image, else the centred whole image with its aspect ratio clamped to `ratio`."""
+    device = generator.device
+    area = height * width * torch.empty(n, tries, device=device).uniform_(*scale, generator=generator)
+    aspect = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 where none does: replaced below)
+    w, h, fitted = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    if width / height < ratio[0]:  # the fallback: the whole image, its aspect ratio clamped
+        fallback = (round(width / ratio[0]), width)
+    elif width / height > ratio[1]:
+        fallback = (height, round(height * ratio[1]))
+    else:
+        fallback = (height, width)
+    h, w = torch.where(fitted, h, fallback[0]), torch.where(fitted, w, fallback[1])
+    u = torch.rand(2, n, device=device, generator=generator)
+    top = torch.where(fitted, (u[0] * (height - h + 1)).floor(), (height - fallback[0]) // 2)
+    left = torch.where(fitted, (u[1] * (width - w + 1)).floor(), (width - fallback[1]) // 2)
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def resize_weights(offset, length, size, full):
+    """Crops [offset, offset + length) of an axis of `full` pixels (N each) -> NxSIZExFULL weights
+    of torchvision's antialiased bilinear resize of each crop to `size` pixels (a triangle filter
+    as wide as the scale when shrinking, bilinear interpolation when enlarging), zero outside it."""
+    offset, length = offset.to(torch.float32), length.to(torch.float32)
+    scale = length / size  # input pixels per output pixel
+    support = scale.clamp(min=1.0)
+    center = scale[:, None] * (torch.arange(size, device=offset.device) + 0.5)  # NxS, in crop coordinates
+    pixel = torch.arange(full, device=offset.device) - offset[:, None]  # NxFULL, in crop coordinates
+    distance = (pixel[:, None, :] + 0.5 - center[:, :, None]) / support[:, None, None]
+    inside = ((pixel >= 0) & (pixel < length[:, None]))[:, None, :]
+    weights = (1 - distance.abs()).clamp(min=0) * inside
+    return weights / weights.sum(2, keepdim=True)
+
+
+def resized_crops(images, boxes, size, flip):
+    """Nx3xHxW uint8 images, N boxes (top, left, height, width), N flips -> Nx3xSxS floats in [0, 1]:
+    torchvision's resized_crop (antialias) of each image, mirrored where flip, as rows x image x columns."""
+    rows = resize_weights(boxes[:, 0], boxes[:, 2], size, images.shape[-2])  # NxSxH
+    cols = resize_weights(boxes[:, 1], boxes[:, 3], size, images.shape[-1])  # NxSxW
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)  # a mirrored view reads its columns backwards
+    x = images.to(torch.float32) * (1 / 255)
+    return rows[:, None] @ x @ cols.transpose(1, 2)[:, None]
+
+
+def random_colour_params(recipe, n, size, generator):
+    """n rows of PARAMS drawn as view_transform's recipe draws them: ColorJitter with p JITTER_P (factors
+    uniform in [max(0, 1 - s), 1 + s], hue in [-h, h], the four operations in a random order), grayscale
+    with p GRAY_P, blur (sigma ~ U(0.1, 2)) with the recipe's p from 64 px up, solarize with its p."""
+    _, (brightness, contrast, saturation, hue), blur_p, solarize_p = RECIPES[recipe]
+    device = generator.device
+    u = torch.rand(n, 9, device=device, generator=generator)
+    factors = [max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * u[:, i] for i, s in enumerate((brightness, contrast, saturation))]
+    order = torch.rand(n, 4, device=device, generator=generator).argsort(1)  # a uniform permutation per view
+    blur = u[:, 6] < (blur_p if blur_kernel(size) else 0.0)
+    return torch.stack([(u[:, 3] < JITTER_P).float(), *factors, hue * (2 * u[:, 4] - 1), *order.float().unbind(1),
+                        (u[:, 5] < GRAY_P).float(), torch.where(blur, 0.1 + 1.9 * u[:, 7], 0.0),
+                        (u[:, 8] < solarize_p).float()], 1)
+
+
+def random_scalemix_boxes(n, height, width, generator):
+    """n ScaleMix boxes (top, bottom, left, right) as random_scalemix_box draws them, on the device."""
+    u = torch.rand(3, n, device=generator.device, generator=generator)
+    cut = (1 - u[0]).sqrt()
+    half_h, half_w = (height * cut).floor().div(2, rounding_mode="floor"), (width * cut).floor().div(2, rounding_mode="floor")
+    center_y, center_x = (u[1] * height).floor(), (u[2] * width).floor()
+    return torch.stack([(center_y - half_h).clamp(min=0), (center_y + half_h).clamp(max=height),
+                        (center_x - half_w).clamp(min=0), (center_x + half_w).clamp(max=width)], 1).long()
+
+
+class DeviceViews:
+    """The views of Views(**settings), made on the device from a batch of its uint8 images:
+    __call__(images, index, generator) -> {kind: (n*B)x3xSxS normalised floats}, view-major, the
+    kinds and counts of Views and collate_views. RandAugment (StrongerAug) is not made here."""
+
+    def __init__(self, size, framework="mocov2", source_aug="default", target_aug="default", n_source=1, n_target=1,
+                 multicrop=0, multicrop_on="source", scalemix_on=None, crop_min=None):
+        if "stronger" in (source_aug, target_aug):
+            raise InputError("--data-on-device makes crops, flips and colour on the device, not StrongerAug's RandAugment "
+                             "(--asym-aug, --source-aug/--target-aug stronger): drop one of the two")
+        self.counts = {"source": n_source, "target": n_target}
+        self.recipes = {}  # kind -> (recipe, view size, crop scale), as Views chooses them
+        self.mixed = {kind for kind in ("source", "target") if scalemix_on in (kind, "both")}
+        for encoder, aug, recipe in zip(("source", "target"), (source_aug, target_aug), FRAMEWORK_RECIPES[framework]):
+            recipe = "weaker" if aug == "weaker" else recipe
+            scale = (0.08, 1.0) if recipe == "weaker" else (RECIPES[recipe][0], 1.0)
+            if multicrop:
+                scale = (MULTICROP_SCALE[1], 1.0)
+            elif crop_min and recipe != "weaker":
+                scale = (crop_min, 1.0)
+            self.recipes[encoder] = (recipe, size, scale)
+            self.recipes[encoder + "_small"] = (recipe, small_crop_size(size), MULTICROP_SCALE)
+            if multicrop and multicrop_on in (encoder, "both"):
+                self.counts[encoder + "_small"] = multicrop
+
+    def view(self, kind, images, generator):
+        """One view of each of the N images -> Nx3xSxS floats in [0, 1], before normalisation."""
+        recipe, size, scale = self.recipes[kind]
+        n, _, height, width = images.shape
+        boxes = random_crop_boxes(n, height, width, scale, generator)
+        flip = torch.rand(n, device=images.device, generator=generator) < 0.5
+        x = resized_crops(images, boxes, size, flip)
+        if recipe == "weaker":  # crop and flip only
+            return x
+        return photometric(x, random_colour_params(recipe, n, size, generator))
+
+    def __call__(self, images, index, generator):
+        batch = {}
+        mean, std = imagenet_mean_std(images.device)
+        for kind, n in self.counts.items():
+            chosen = images[index.repeat(n)]  # (n*B)x3xHxW, view-major
+            x = (self.view(kind, chosen, generator) - mean) / std
+            if kind in self.mixed:  # ScaleMix: a box of a second view pasted into each
+                second = (self.view(kind, chosen, generator) - mean) / std
+                x = paste_boxes(x, second, random_scalemix_boxes(len(x), *x.shape[-2:], generator))
+            batch[kind] = x
+        return batch
+
+
+class OnDevice(torch.utils.data.Dataset):
+    """A SeededDataset's images decoded once into the device's memory (uint8 Nx3xHxW) and its
+    Views' recipes as DeviceViews (--data-on-device); batches(...) replaces the DataLoader.
+    len() and .epoch are the wrapped set's, for the sampler and the scripts' loop."""
+
+    def __init__(self, train_set, workers=0, device=None):
+        self.views = DeviceViews(**train_set.transform.settings)  # bad settings fail before any decoding
+        self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                                 else torch.device("cpu"))
+        self.seed, self.epoch, self.n = train_set.seed, 0, len(train_set)
+        decoded = SeededDataset(train_set.base, v2.functional.pil_to_tensor, skip_bad=train_set.skip_bad)
+        images, labels = [], []
+        for batch, y in torch.utils.data.DataLoader(decoded, batch_size=256, num_workers=workers, collate_fn=stack_images):
+            if not images:
+                check_device_memory(batch[0].numel() * len(decoded), self.device)
+            elif batch.shape[1:] != images[0].shape[1:]:
+                raise InputError(f"--data-on-device needs images of one size: found {shape_text(batch[0])} "
+                                 f"after {shape_text(images[0][0])}")
+            images.append(batch.to(self.device))
+            labels.append(y.to(self.device))
+        self.images, self.labels = torch.cat(images), torch.cat(labels)
+
+    def __len__(self):
+        return self.n
+
+    def batches(self, indices, batch_size, epoch, first_batch, rank=0):
+        """The batches of `indices` (full ones only) -> (views, labels) on the device; batch b of the
+        epoch draws from a generator seeded by (seed, epoch, first_batch + b, rank)."""
+        order = torch.tensor(indices[:len(indices) // batch_size * batch_size], dtype=torch.long)
+        if self.device.type == "cuda":  # one asynchronous copy per epoch
+            order = order.pin_memory()
+        order = order.to(self.device, non_blocking=True)
+        generator = torch.Generator(self.device)
+        for b, index in enumerate(order.split(batch_size)):
+            generator.manual_seed((((self.seed * 1_000_003 + epoch) * 1_000_033 + first_batch + b) * 4099 + rank) % 2**63)
+            yield self.views(self.images, index, generator), self.labels[index]
+
+
+def shape_text(image):
+    return "x".join(map(str, image.shape))
+
+
+def stack_images(samples):
+    """[(uint8 3xHxW, label)] -> (Nx3xHxW, labels N); images of unequal sizes are bad input here."""
+    for image, _ in samples[1:]:
+        if image.shape != samples[0][0].shape:
+            raise InputError(f"--data-on-device needs images of one size: found {shape_text(image)} "
+                             f"after {shape_text(samples[0][0])}")
+    return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])
+
+
+def check_device_memory(nbytes, device):
+    """--data-on-device keeps at most half of a GPU's memory for the images."""
+    if device.type == "cuda" and nbytes > torch.cuda.get_device_properties(device).total_memory / 2:
+        raise InputError(f"--data-on-device: the training images take {nbytes / 2**30:.1f} GiB as uint8, more than half "
+                         f"of the device's memory; use the data workers (drop --data-on-device)")

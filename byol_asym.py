@@ -60,6 +60,8 @@ def parse_args(argv=None):
                    help="data loading processes per process (-1: this node's CPUs over its processes, at most 16)")
     g.add_argument("--gpu-aug", action="store_true",
                    help="colour operations and normalisation batched on the device; workers only crop and flip (data-bound GPU runs: MultiCrop)")
+    g.add_argument("--data-on-device", action="store_true",
+                   help="keep the training images in the device's memory (uint8) and make every view there: small data sets (CIFAR, STL-10)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help="any torchvision ResNet: " + ", ".join(RESNETS))
     g.add_argument("--cifar-stem", action="store_true", help="3x3 stride-1 first conv and no max-pool, for 32 px images")
@@ -143,6 +145,8 @@ def make_views(args):
 def make_datasets(args):
     """Training views, and the kNN monitor's bank (labelled train) and held-out split."""
     train_set = augment.dataset(args.data, "train", make_views(args), args.data_root, args.seed, args.skip_bad_images)
+    if args.data_on_device:  # decoded into the device's memory here, so that bad settings stop before any work
+        train_set = augment.OnDevice(train_set, args.workers)
     eval_t = augment.eval_transform(args.image_size)
     bank_set = augment.dataset(args.data, "train_labeled", eval_t, args.data_root, skip_bad=args.skip_bad_images)
     test_set = augment.dataset(args.data, "test", eval_t, args.data_root, skip_bad=args.skip_bad_images)
@@ -156,6 +160,8 @@ def train_loader(train_set, epoch, skip_batches, args):
     sampler.set_epoch(epoch)
     local_batch = args.batch_size // world_size()
     train_set.epoch = epoch  # seeds the views: the same views whatever the workers, world size or resume
+    if args.data_on_device:  # views made on the device, seeded per (seed, epoch, batch, process)
+        return train_set.batches(list(sampler)[skip_batches * local_batch:], local_batch, epoch, skip_batches, rank())
     return torch.utils.data.DataLoader(
         train_set, batch_size=local_batch, sampler=list(sampler)[skip_batches * local_batch:],
         num_workers=args.workers, collate_fn=augment.collate_views, pin_memory=torch.cuda.is_available(),

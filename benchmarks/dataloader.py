@@ -13,9 +13,18 @@ per-worker figure.
 colour parameters) and, separately, the device's half (augment.finish_views on the last batch, on
 the GPU if there is one): the two together are what a training run with --gpu-aug pays.
 
+With 0 workers the recipe runs in this process on one thread, as a worker does, and the row also
+gives images per second of CPU time: the rate of one core, which other processes on a shared
+machine do not change (wall-clock rates there do).
+
+`--data-on-device` measures, per recipe, the images/s of the views made on the device from the
+images held there as uint8 (augment.OnDevice, on the GPU if there is one): no workers at all.
+
 `--cifar-tar` takes the CIFAR-10 JPEG copy and writes `--images` of its training images,
 upscaled to `--upscale` px (bicubic, JPEG quality 90), to a temporary ImageFolder: 32 px images
 would make decoding unrealistically cheap next to ImageNet's (about 400 x 350 px on average).
+`--upscale 0` keeps the original 32 px JPEGs (CIFAR training at 32 px). Each row is printed the
+moment it is measured.
 """
 import argparse
 import os
@@ -51,13 +60,14 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="an ImageFolder root with train/ (or synthetic)")
     p.add_argument("--cifar-tar", help="the CIFAR-10 JPEG tarball: a temporary upscaled ImageFolder is made from it")
-    p.add_argument("--upscale", type=int, default=256, help="side of the upscaled CIFAR images")
+    p.add_argument("--upscale", type=int, default=256, help="side of the upscaled CIFAR images (0: the original 32 px files)")
     p.add_argument("--images", type=int, default=512, help="images per measurement (and taken from --cifar-tar)")
     p.add_argument("--image-size", type=int, default=224, help="standard view size")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data-loading processes to try (0: in this process)")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--gpu-aug", action="store_true", help="the workers' half of --gpu-aug, and the device's half timed apart")
+    p.add_argument("--data-on-device", action="store_true", help="also the views made on the device from its uint8 copy (per recipe)")
     args = p.parse_args(argv)
     if bool(args.data) == bool(args.cifar_tar):
         p.error("give one of --data or --cifar-tar")
@@ -65,7 +75,7 @@ def parse_args(argv=None):
 
 
 def upscaled_cifar(tar_path, n, side, out):
-    """The first n training JPEGs of the CIFAR-10 tarball, resized to side x side, as out/train/<class>/."""
+    """The first n training JPEGs of the CIFAR-10 tarball, resized to side x side (0: as they are), as out/train/<class>/."""
     with tarfile.open(tar_path) as tar:
         count = 0
         for member in tar:
@@ -74,8 +84,12 @@ def upscaled_cifar(tar_path, n, side, out):
                 continue
             folder = os.path.join(out, "train", parts[-2])
             os.makedirs(folder, exist_ok=True)
-            with Image.open(tar.extractfile(member)) as image:
-                image.convert("RGB").resize((side, side), Image.BICUBIC).save(os.path.join(folder, parts[-1]), quality=90)
+            if side:
+                with Image.open(tar.extractfile(member)) as image:
+                    image.convert("RGB").resize((side, side), Image.BICUBIC).save(os.path.join(folder, parts[-1]), quality=90)
+            else:
+                with open(os.path.join(folder, parts[-1]), "wb") as f:
+                    f.write(tar.extractfile(member).read())
             count += 1
             if count == n:
                 break
@@ -109,9 +123,38 @@ def time_device_half(batch, images, repeats=5):
     return repeats * images / (time.perf_counter() - start)
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_on_device(data, recipe, args, repeats=5):
+    """--data-on-device: images/s of the views made on the device (GPU if any) from its uint8 copy of
+    the images; None where the recipe needs the workers (RandAugment) or the images differ in size."""
+    transform = augment.Views(args.image_size, **RECIPES[recipe])
+    dataset = augment.dataset(data, "train", transform)
+    n = min(args.images, len(dataset))
+    try:
+        on_device = augment.OnDevice(augment.SeededDataset(torch.utils.data.Subset(dataset.base, range(n)), transform),
+                                     workers=max(args.workers))
+    except augment.InputError:
+        return None
+    indices = list(range(n)) * (1 + args.batch_size * repeats // n)
+    batches = on_device.batches(indices, args.batch_size, epoch=0, first_batch=0)
+    next(batches)  # warm-up
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        next(batches)
+    sync()
+    return repeats * args.batch_size / (time.perf_counter() - start)
+
+
 def measure(data, recipe, workers, args):
     """-> images/s and views/s over args.images images (the first batch, worker start-up, untimed),
-    and with --gpu-aug the device half's images/s (else None)."""
+    with --gpu-aug the device half's images/s (else None), and with 0 workers the images per second
+    of this process's CPU time, on one thread as a worker runs (else None): a per-core rate that
+    other processes on a shared machine do not change."""
     transform = (decode_only if RECIPES[recipe] is None
                  else augment.Views(args.image_size, device_aug=args.gpu_aug, **RECIPES[recipe]))
     dataset = augment.dataset(data, "train", transform)
@@ -120,45 +163,59 @@ def measure(data, recipe, workers, args):
                                          num_workers=workers, collate_fn=augment.collate_views)
     images = views = 0
     start = None
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # as in a data worker
     for batch, labels in loader:
         if start is None:  # the first batch pays for starting the workers
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             continue
         images += len(labels)
         views += count_views(batch) if RECIPES[recipe] is not None else 0
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    torch.set_num_threads(threads)
     device_half = time_device_half(batch, len(labels)) if args.gpu_aug and RECIPES[recipe] is not None else None
-    return images / elapsed, views / elapsed, device_half
+    return images / elapsed, views / elapsed, device_half, images / cpu if workers == 0 else None
+
+
+def print_header(args):
+    source = (f"{args.cifar_tar} " + (f"upscaled to {args.upscale} px" if args.upscale else "as it is (32 px)")
+              if args.cifar_tar else args.data)
+    print(f"{source} | views of {args.image_size} px | {args.images} images, batch {args.batch_size} | "
+          f"{os.cpu_count()} CPUs | torch {torch.__version__}", flush=True)
+    device = ("cuda: " + torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
+    extra = f" device half images/s ({device}) |" if args.gpu_aug else ""
+    extra += f" on-device views images/s ({device}) |" if args.data_on_device else ""
+    print(f"| recipe{' (--gpu-aug: workers half)' if args.gpu_aug else ''} | workers | images/s | views/s | "
+          f"images/s per worker | images per CPU s |{extra}", flush=True)
+    print("|---|---|---|---|---|---|" + "---|" * (args.gpu_aug + args.data_on_device), flush=True)
+
+
+def print_row(args, r):
+    number = lambda x: " - |" if x is None else f" {x:.0f} |"  # noqa: E731
+    extra = number(r["device_half_images_per_s"]) if args.gpu_aug else ""
+    extra += number(r["on_device_images_per_s"]) if args.data_on_device else ""
+    print(f"| {r['recipe']} | {r['workers']} | {r['images_per_s']:.0f} | {r['views_per_s']:.0f} | "
+          f"{r['images_per_s_per_worker']:.0f} |{number(r['images_per_cpu_s'])}{extra}", flush=True)
 
 
 def run(args):
+    """Every recipe x workers, each row printed as soon as it is measured -> the rows."""
     with tempfile.TemporaryDirectory() as tmp:
         data = upscaled_cifar(args.cifar_tar, args.images, args.upscale, tmp) if args.cifar_tar else args.data
+        print_header(args)
         rows = []
         measure(data, args.recipes[0], 0, args)  # untimed: a process's first pass pays for caches and lazy set-up
         for recipe in args.recipes:
+            on_device = time_on_device(data, recipe, args) if args.data_on_device and RECIPES[recipe] is not None else None
             for workers in args.workers:
-                images_per_s, views_per_s, device_half = measure(data, recipe, workers, args)
+                images_per_s, views_per_s, device_half, per_cpu_s = measure(data, recipe, workers, args)
                 rows.append({"recipe": recipe, "workers": workers, "images_per_s": images_per_s,
                              "views_per_s": views_per_s, "images_per_s_per_worker": images_per_s / max(1, workers),
-                             "device_half_images_per_s": device_half})
+                             "images_per_cpu_s": per_cpu_s, "device_half_images_per_s": device_half,
+                             "on_device_images_per_s": on_device})
+                print_row(args, rows[-1])
     return rows
-
-
-def print_table(args, rows):
-    source = f"{args.cifar_tar} upscaled to {args.upscale} px" if args.cifar_tar else args.data
-    print(f"{source} | views of {args.image_size} px | {args.images} images, batch {args.batch_size} | "
-          f"{os.cpu_count()} CPUs | torch {torch.__version__}")
-    device = ("cuda: " + torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
-    extra = f" device half images/s ({device}) |" if args.gpu_aug else ""
-    print(f"| recipe{' (--gpu-aug: workers half)' if args.gpu_aug else ''} | workers | images/s | views/s | "
-          f"images/s per worker |{extra}")
-    print("|---|---|---|---|---|" + ("---|" if args.gpu_aug else ""))
-    for r in rows:
-        half = r["device_half_images_per_s"]
-        extra = (f" {half:.0f} |" if half is not None else " - |") if args.gpu_aug else ""
-        print(f"| {r['recipe']} | {r['workers']} | {r['images_per_s']:.0f} | {r['views_per_s']:.0f} | "
-              f"{r['images_per_s_per_worker']:.0f} |{extra}")
 
 
 def main(argv=None):
@@ -168,7 +225,6 @@ def main(argv=None):
     except augment.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print_table(args, rows)
     return rows
 
 
