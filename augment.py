@@ -520,24 +520,28 @@ class Views:
     def __init__(self, size, framework="mocov2", source_aug="default", target_aug="default",
                  n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None, crop_min=None,
                  device_aug=False):
-        self.settings = dict(size=size, framework=framework, source_aug=source_aug, target_aug=target_aug, n_source=n_source,
-                             n_target=n_target, multicrop=multicrop, multicrop_on=multicrop_on, scalemix_on=scalemix_on,
-                             crop_min=crop_min)  # what DeviceViews (--data-on-device) needs to make the same recipes
         self.n_source, self.n_target, self.scalemix_on = n_source, n_target, scalemix_on
         self.multicrop, self.multicrop_on, self.device_aug = multicrop, multicrop_on, device_aug
-        interpolation = FRAMEWORK_INTERPOLATION[framework]
-        self.transforms = {}
+        self.interpolation = FRAMEWORK_INTERPOLATION[framework]
+        self.recipes = {}  # kind -> (recipe, view size, crop scale or None for the recipe's own, StrongerAug)
         for encoder, aug, default in zip(("source", "target"), (source_aug, target_aug), FRAMEWORK_RECIPES[framework]):
             recipe = "weaker" if aug == "weaker" else default
             standard_scale = None  # the recipe's own; WeakerAug keeps (0.08, 1) with or without MultiCrop
             if recipe != "weaker" and (multicrop or crop_min):  # MultiCrop: the small crops get the smallest scales
                 standard_scale = (MULTICROP_SCALE[1] if multicrop else crop_min, 1.0)
-            self.transforms[encoder] = view_transform(
-                recipe, size, standard_scale, aug == "stronger", device_aug, interpolation)
+            self.recipes[encoder] = (recipe, size, standard_scale, aug == "stronger")
             # MultiCrop's small crops: the framework's default recipe (the official augmentation_mini)
             # whatever the encoder's: no RandAugment under StrongerAug, the colour ops under WeakerAug
-            self.transforms[encoder + "_small"] = view_transform(
-                default, small_crop_size(size), MULTICROP_SCALE, False, device_aug, interpolation)
+            self.recipes[encoder + "_small"] = (default, small_crop_size(size), MULTICROP_SCALE, False)
+        self.transforms = {kind: view_transform(recipe, size, scale, stronger, device_aug, self.interpolation)
+                           for kind, (recipe, size, scale, stronger) in self.recipes.items()}
+
+    def counts(self):
+        """kind -> views of that kind per image."""
+        counts = {"source": self.n_source, "target": self.n_target}
+        counts.update({encoder + "_small": self.multicrop for encoder in ("source", "target")
+                       if self.multicrop and self.multicrop_on in (encoder, "both")})
+        return counts
 
     def _views(self, kind, image, n):
         """n views of one kind -> {kind: n x 3xSxS} (and, with device_aug, {kind + "_params": n x P})."""
@@ -560,11 +564,7 @@ class Views:
 
     def __call__(self, image):
         image = v2.functional.pil_to_tensor(image) if isinstance(image, Image.Image) else image
-        views = {**self._views("source", image, self.n_source), **self._views("target", image, self.n_target)}
-        for encoder in ("source", "target"):
-            if self.multicrop and self.multicrop_on in (encoder, "both"):
-                views.update(self._views(encoder + "_small", image, self.multicrop))
-        return views
+        return {k: v for kind, n in self.counts().items() for k, v in self._views(kind, image, n).items()}
 
 
 def collate_views(samples):
@@ -798,10 +798,17 @@ def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), 
     return torch.stack([top, left, h, w], 1).long()
 
 
-def resize_weights(offset, length, size, full):
+def cubic(x, a=-0.5):
+    """The bicubic convolution kernel of torchvision's (and PIL's) antialiased resize."""
+    x = x.abs()
+    return torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                       torch.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+
+
+def resize_weights(offset, length, size, full, interpolation="bilinear"):
     """Crops [offset, offset + length) of an axis of `full` pixels (N each) -> NxSIZExFULL weights
-    of torchvision's antialiased bilinear resize of each crop to `size` pixels (a triangle filter
-    as wide as the scale when shrinking, bilinear interpolation when enlarging), zero outside it."""
+    of torchvision's antialiased resize of each crop to `size` pixels: a triangle ("bilinear") or
+    cubic ("bicubic") filter stretched by the scale when shrinking, zero outside the crop."""
     offset, length = offset.to(torch.float32), length.to(torch.float32)
     scale = length / size  # input pixels per output pixel
     support = scale.clamp(min=1.0)
@@ -809,18 +816,19 @@ def resize_weights(offset, length, size, full):
     pixel = torch.arange(full, device=offset.device) - offset[:, None]  # NxFULL, in crop coordinates
     distance = (pixel[:, None, :] + 0.5 - center[:, :, None]) / support[:, None, None]
     inside = ((pixel >= 0) & (pixel < length[:, None]))[:, None, :]
-    weights = (1 - distance.abs()).clamp(min=0) * inside
+    weights = (cubic(distance) if interpolation == "bicubic" else (1 - distance.abs()).clamp(min=0)) * inside
     return weights / weights.sum(2, keepdim=True)
 
 
-def resized_crops(images, boxes, size, flip):
+def resized_crops(images, boxes, size, flip, interpolation="bilinear"):
     """Nx3xHxW uint8 images, N boxes (top, left, height, width), N flips -> Nx3xSxS floats in [0, 1]:
-    torchvision's resized_crop (antialias) of each image, mirrored where flip, as rows x image x columns."""
-    rows = resize_weights(boxes[:, 0], boxes[:, 2], size, images.shape[-2])  # NxSxH
-    cols = resize_weights(boxes[:, 1], boxes[:, 3], size, images.shape[-1])  # NxSxW
+    torchvision's resized_crop (antialias) of each image, mirrored where flip, as rows x image x columns
+    (a bicubic overshoot clipped to [0, 1], as the uint8 result of the CPU path)."""
+    rows = resize_weights(boxes[:, 0], boxes[:, 2], size, images.shape[-2], interpolation)  # NxSxH
+    cols = resize_weights(boxes[:, 1], boxes[:, 3], size, images.shape[-1], interpolation)  # NxSxW
     cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)  # a mirrored view reads its columns backwards
     x = images.to(torch.float32) * (1 / 255)
-    return rows[:, None] @ x @ cols.transpose(1, 2)[:, None]
+    return (rows[:, None] @ x @ cols.transpose(1, 2)[:, None]).clamp(0, 1)
 
 
 def random_colour_params(recipe, n, size, generator):
@@ -849,29 +857,18 @@ def random_scalemix_boxes(n, height, width, generator):
 
 
 class DeviceViews:
-    """The views of Views(**settings), made on the device from a batch of its uint8 images:
+    """The views of a Views, made on the device from a batch of its uint8 images:
     __call__(images, index, generator) -> {kind: (n*B)x3xSxS normalised floats}, view-major, the
-    kinds and counts of Views and collate_views. RandAugment (StrongerAug) is not made here."""
+    kinds, counts and recipes of Views and collate_views. RandAugment (StrongerAug) is not made here."""
 
-    def __init__(self, size, framework="mocov2", source_aug="default", target_aug="default", n_source=1, n_target=1,
-                 multicrop=0, multicrop_on="source", scalemix_on=None, crop_min=None):
-        if "stronger" in (source_aug, target_aug):
+    def __init__(self, views):
+        if any(stronger for kind, (_, _, _, stronger) in views.recipes.items() if kind in views.counts()):
             raise InputError("--data-on-device makes crops, flips and colour on the device, not StrongerAug's RandAugment "
                              "(--asym-aug, --source-aug/--target-aug stronger): drop one of the two")
-        self.counts = {"source": n_source, "target": n_target}
-        self.recipes = {}  # kind -> (recipe, view size, crop scale), as Views chooses them
-        self.mixed = {kind for kind in ("source", "target") if scalemix_on in (kind, "both")}
-        for encoder, aug, recipe in zip(("source", "target"), (source_aug, target_aug), FRAMEWORK_RECIPES[framework]):
-            recipe = "weaker" if aug == "weaker" else recipe
-            scale = (0.08, 1.0) if recipe == "weaker" else (RECIPES[recipe][0], 1.0)
-            if multicrop:
-                scale = (MULTICROP_SCALE[1], 1.0)
-            elif crop_min and recipe != "weaker":
-                scale = (crop_min, 1.0)
-            self.recipes[encoder] = (recipe, size, scale)
-            self.recipes[encoder + "_small"] = (recipe, small_crop_size(size), MULTICROP_SCALE)
-            if multicrop and multicrop_on in (encoder, "both"):
-                self.counts[encoder + "_small"] = multicrop
+        self.counts, self.interpolation = views.counts(), views.interpolation
+        self.recipes = {kind: (recipe, size, scale or ((0.08, 1.0) if recipe == "weaker" else (RECIPES[recipe][0], 1.0)))
+                        for kind, (recipe, size, scale, _) in views.recipes.items()}  # kind -> (recipe, size, crop scale)
+        self.mixed = {kind for kind in ("source", "target") if views.scalemix_on in (kind, "both")}
 
     def view(self, kind, images, generator):
         """One view of each of the N images -> Nx3xSxS floats in [0, 1], before normalisation."""
@@ -879,7 +876,7 @@ class DeviceViews:
         n, _, height, width = images.shape
         boxes = random_crop_boxes(n, height, width, scale, generator)
         flip = torch.rand(n, device=images.device, generator=generator) < 0.5
-        x = resized_crops(images, boxes, size, flip)
+        x = resized_crops(images, boxes, size, flip, self.interpolation)
         if recipe == "weaker":  # crop and flip only
             return x
         return photometric(x, random_colour_params(recipe, n, size, generator))
@@ -903,7 +900,7 @@ class OnDevice(torch.utils.data.Dataset):
     len() and .epoch are the wrapped set's, for the sampler and the scripts' loop."""
 
     def __init__(self, train_set, workers=0, device=None):
-        self.views = DeviceViews(**train_set.transform.settings)  # bad settings fail before any decoding
+        self.views = DeviceViews(train_set.transform)  # bad settings fail before any decoding
         self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                                  else torch.device("cpu"))
         self.seed, self.epoch, self.n = train_set.seed, 0, len(train_set)

@@ -82,7 +82,7 @@ def ready_batch(mod, args, device):
 def device_batches(mod, args, device):
     """--data-on-device: -> a function that makes each step's views on the device, as the training loop's
     OnDevice.batches does, from random uint8 images of --image-size px (CIFAR's images are its views' size)."""
-    views = augment.DeviceViews(**mod.make_views(args).settings)
+    views = augment.DeviceViews(mod.make_views(args))
     n = max(4 * args.batch_size, 256)
     images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8).to(device)
     index = torch.randperm(n)[:args.batch_size].to(device)

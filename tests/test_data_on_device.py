@@ -51,17 +51,20 @@ def test_crop_box_fallback_is_torchvision_s(height, width):
     assert all(tuple(box) == tuple(theirs) for box in ours)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("height, width, size", [(32, 32, 32), (64, 64, 32), (32, 48, 16), (40, 30, 56)])
-def test_resized_crops_are_torchvision_resized_crop(height, width, size):
-    """Enlarging and shrinking (antialiased), mirrored or not: torchvision's resized_crop and
-    horizontal_flip of each image, to float rounding."""
+def test_resized_crops_are_torchvision_resized_crop(height, width, size, interpolation):
+    """Enlarging and shrinking (antialiased), bilinear (the crops of most frameworks) or bicubic (BYOL's,
+    Barlow Twins'), mirrored or not: torchvision's resized_crop and horizontal_flip of each image, to
+    float rounding (bicubic's overshoot clipped to [0, 1], as the CPU path's uint8 result)."""
     g = torch.Generator().manual_seed(size)
     images = torch.randint(0, 256, (24, 3, height, width), dtype=torch.uint8, generator=g)
     boxes = augment.random_crop_boxes(24, height, width, (0.05, 1.0), g)
     flip = torch.rand(24, generator=g) < 0.5
-    got = augment.resized_crops(images, boxes, size, flip)
+    got = augment.resized_crops(images, boxes, size, flip, interpolation)
+    mode = TF.InterpolationMode(interpolation)
     for image, (top, left, h, w), mirrored, result in zip(images, boxes.tolist(), flip, got):
-        expected = TF.resized_crop(image.float() / 255, top, left, h, w, [size, size], antialias=True)
+        expected = TF.resized_crop(image.float() / 255, top, left, h, w, [size, size], mode, antialias=True).clamp(0, 1)
         torch.testing.assert_close(result, TF.horizontal_flip(expected) if mirrored else expected, atol=1e-5, rtol=0)
 
 
@@ -119,12 +122,13 @@ def describe_device_view(recipe, size, scale):
 def test_device_views_make_the_views_kinds_recipes_and_counts(settings, size):
     """For every kind of view: the crop size and scale, jitter ranges, blur and solarize that Views
     builds its pipeline from, and as many views."""
-    cpu, device = augment.Views(size, **settings), augment.DeviceViews(size, **settings)
+    cpu, device = augment.Views(size, **settings), augment.DeviceViews(augment.Views(size, **settings))
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)
     counts = {kind: len(views) for kind, views in cpu(image).items()}
     assert device.counts == counts
     for kind in counts:
         assert describe_device_view(*device.recipes[kind]) == describe_cpu_view(cpu.transforms[kind]), kind
+    assert device.interpolation == cpu.interpolation == ("bicubic" if settings.get("framework") == "byol" else "bilinear")
     assert device.mixed == {k for k in ("source", "target") if settings.get("scalemix_on") in (k, "both")}
 
 
@@ -175,13 +179,13 @@ def test_device_views_are_the_cpu_views_in_distribution(size, settings):
         cpu_set.epoch = epoch
         cpu.append(augment.collate_views([cpu_set[i] for i in range(n)])[0])
     g, index = torch.Generator().manual_seed(0), torch.arange(n)
-    ours = [augment.DeviceViews(size, **settings)(images, index, g) for _ in range(3)]
+    ours = [augment.DeviceViews(augment.Views(size, **settings))(images, index, g) for _ in range(3)]
     assert {k: v.shape for k, v in ours[0].items()} == {k: v.shape for k, v in cpu[0].items()}
     statistics = {k: [view_statistics(torch.cat([b[k] for b in batches])) for batches in (cpu, ours)] for k in cpu[0]}
     for kind, (a, b) in statistics.items():
         assert largest_z(a, b) < 4, kind
     weaker_target = dict(settings, target_aug="weaker", scalemix_on=None)  # (the source's ScaleMix does not matter here)
-    weaker = [augment.DeviceViews(size, **weaker_target)(images, index, g) for _ in range(3)]
+    weaker = [augment.DeviceViews(augment.Views(size, **weaker_target))(images, index, g) for _ in range(3)]
     assert largest_z(statistics["target"][0], view_statistics(torch.cat([b["target"] for b in weaker]))) > 4
 
 
