@@ -17,6 +17,8 @@ device instead: the training loop calls finish_views(batch), the identity otherw
 import functools
 import math
 import os
+import re
+import sys
 import warnings
 
 import numpy as np
@@ -582,6 +584,38 @@ class InputError(ValueError):
     """Bad user input (data, sizes, checkpoint): reported as one line before work starts."""
 
 
+_warned = set()
+
+
+def warn(message):
+    """One line 'warning: ...' on stderr, once per message and process, from rank 0 only where
+    torch.distributed runs."""
+    if message in _warned or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return
+    _warned.add(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def load_weights(path):
+    """torch.load(path, weights_only=True) onto the CPU. A file it cannot or will not read raises
+    InputError in one line: for a refused pickle, the first object that is not a tensor or a plain
+    container (e.g. GLOBAL posix.system) and what to do, instead of torch's advice."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))  # torch bolds part of its message
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        if refused:
+            raise InputError(
+                f"cannot load {path}: it holds objects other than tensors and plain containers (the first: "
+                f"{refused.group(1)}), which torch.load(weights_only=True) refuses to unpickle; if you trust the file, "
+                f"load it once with weights_only=False and re-save only its tensors, e.g. "
+                f"torch.save(checkpoint['state_dict'], 'weights.pth')") from None
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        reason = reason.group(1) if reason else next((line for line in text.splitlines() if line.strip()), "")
+        raise InputError(f"cannot read {path}: {type(e).__name__}: {' '.join(reason.split())[:200]}") from None
+
+
 def load_rgb(path):
     """Any PIL-readable image (grayscale, CMYK, RGBA, palette, 16-bit) -> RGB; errors name the file."""
     try:
@@ -604,7 +638,9 @@ class SeededDataset(torch.utils.data.Dataset):
 
     The views of an image then do not depend on worker count, world size or batch order, so
     a resumed run sees exactly the views of an uninterrupted one, and 1 process == 2 processes.
-    skip_bad: replace an unreadable image by the next readable one, with a warning.
+    skip_bad (training): an unreadable image is left out and its place taken by the next readable
+    one, with a warning; the views stay seeded by the place, so batches keep their size and the run
+    stays deterministic. Held-out metrics leave unreadable images out instead (readable()).
     """
 
     def __init__(self, base, transform, seed=0, skip_bad=False):
@@ -623,6 +659,8 @@ class SeededDataset(torch.utils.data.Dataset):
                 if not self.skip_bad:
                     raise
                 warnings.warn(f"skipping: {e}")
+        else:
+            raise InputError(f"--skip-bad-images: none of the {len(self.base)} images can be read")
         # seed the global torch RNG (which the v2 transforms draw from) for this sample only;
         # restore it after, so that a loader without workers leaves the caller's stream alone
         state = torch.get_rng_state()
@@ -631,6 +669,46 @@ class SeededDataset(torch.utils.data.Dataset):
         views = self.transform(image)
         torch.set_rng_state(state)
         return views, label
+
+
+class LoadCheck(torch.utils.data.Dataset):
+    """Item i: (indices[i], None) when base[indices[i]] loads, else (indices[i], the reason)."""
+
+    def __init__(self, base, indices):
+        self.base, self.indices = base, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        try:
+            self.base[self.indices[i]]
+            return self.indices[i], None
+        except Exception as e:  # InputError from load_rgb; PIL's own errors from torchvision data sets
+            return self.indices[i], " ".join(str(e).split()) or type(e).__name__
+
+
+def readable(base, indices=None, workers=0, what="images"):
+    """--skip-bad-images for held-out metrics: -> the indices (of `indices`, default all) whose image
+    loads, in order, and how many do not. Each image is read once before any work (by `workers`
+    processes), so that a metric counts every readable image once; one warning line names the first
+    unreadable one."""
+    indices = list(range(len(base))) if indices is None else list(indices)
+    loader = torch.utils.data.DataLoader(LoadCheck(base, indices), batch_size=16, num_workers=workers,
+                                         collate_fn=list)
+    kept, bad = [], []  # indices that load; reasons of those that do not
+    for batch in loader:
+        for index, reason in batch:
+            if reason is None:
+                kept.append(index)
+            else:
+                bad.append(reason)
+    if bad:
+        warn(f"--skip-bad-images: {len(bad)} of {len(indices)} {what} cannot be read and are left out "
+             f"(the first: {bad[0]})")
+    if not kept:
+        raise InputError(f"--skip-bad-images: none of the {len(indices)} {what} can be read (the first: {bad[0]})")
+    return kept, len(bad)
 
 
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "plus", "ring",
@@ -704,14 +782,54 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return image, label
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """An ImageFolder split (root/<class>/<image>) read with load_rgb."""
+def has_image(folder):
+    """Whether `folder` holds an image file at any depth (as ImageFolder reads it); stops at the first."""
+    subfolders = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS) and entry.is_file():
+                return True
+            if entry.is_dir():
+                subfolders.append(entry.path)
+    return any(has_image(sub) for sub in subfolders)
 
-    def __init__(self, root):
-        folder = torchvision.datasets.ImageFolder(root, allow_empty=True)
-        if not folder.samples:
+
+def folder_classes(root):
+    """The class folders of an ImageFolder split that hold an image, sorted. An empty class folder is
+    not a class: it is left out with a warning (in train/ it would take an index and shift the others)."""
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    empty = [name for name in names if not has_image(os.path.join(root, name))]
+    if empty:
+        warn(f"{root}: {len(empty)} empty class folder(s) left out: {', '.join(empty[:5])}"
+             + (", ..." if len(empty) > 5 else ""))
+    return [name for name in names if name not in empty]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """An ImageFolder split (root/<class>/<image>) read with load_rgb.
+
+    classes: the class-to-index map of every split (train/'s class folders, sorted; default: this
+    folder's own). A class here that is not in it is an error naming it, since it could not be
+    scored; a class of it with no images here is allowed, with a warning."""
+
+    def __init__(self, root, classes=None):
+        found = folder_classes(root)
+        if not found:
             raise InputError(f"no images found under {root}")
-        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
+        classes = found if classes is None else list(classes)
+        unknown = [name for name in found if name not in classes]
+        if unknown:
+            raise InputError(f"{root} has class folder(s) that train/ lacks: {', '.join(unknown[:5])}"
+                             + (", ..." if len(unknown) > 5 else "") + " (every split is numbered by train/'s classes)")
+        absent = [name for name in classes if name not in found]
+        if absent:
+            warn(f"{root} has no images of {len(absent)} of the {len(classes)} classes: {', '.join(absent[:5])}"
+                 + (", ..." if len(absent) > 5 else ""))
+        index = {name: i for i, name in enumerate(classes)}
+        self.samples = torchvision.datasets.folder.make_dataset(
+            root, {name: index[name] for name in found}, torchvision.datasets.folder.IMG_EXTENSIONS)
+        self.targets = [label for _, label in self.samples]
+        self.classes = classes
 
     def __len__(self):
         return len(self.samples)
@@ -721,13 +839,23 @@ class ImageFiles(torch.utils.data.Dataset):
         return load_rgb(path), label
 
 
+def folder_split(data, split):
+    """data/split (train, val or test) as ImageFiles numbered by data/train/'s classes, so that a
+    label means the same class in every split; a folder without train/ (or with no images in
+    it) numbers its own classes."""
+    train = os.path.join(data, "train")
+    classes = folder_classes(train) if os.path.isdir(train) and split != "train" else []
+    return ImageFiles(os.path.join(data, split), classes or None)
+
+
 TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}
 
 
 def base_dataset(data, split, data_root="data"):
     """data: "synthetic" | "cifar10" | "cifar100" | "stl10" | an ImageFolder root with train/ and
-    val/ (or test/). split: "train" (pretraining images), "train_labeled" (labelled training
-    images: the kNN bank; differs from "train" for STL-10 only) or "test" (held out)."""
+    val/ (or test/), every split numbered by train/'s classes (folder_split). split: "train"
+    (pretraining images), "train_labeled" (labelled training images: the kNN bank; differs from
+    "train" for STL-10 only) or "test" (held out)."""
     if data == "synthetic":
         return SyntheticShapes("train" if split.startswith("train") else "test")
     if data in TORCHVISION_SETS:
@@ -751,7 +879,7 @@ def base_dataset(data, split, data_root="data"):
     names = ["train"] if split.startswith("train") else ["val", "test"]
     for name in names:
         if os.path.isdir(os.path.join(data, name)):
-            return ImageFiles(os.path.join(data, name))
+            return folder_split(data, name)
     raise InputError(f"--data {data}: expected an ImageFolder root with a {' or '.join(names)}/ folder")
 
 

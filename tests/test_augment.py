@@ -1,5 +1,8 @@
 """augment.py: ScaleMix geometry and provenance, MultiCrop and MeanEnc views, AsymAug recipes,
-collate order, per-sample seeding, image decoding and data-set errors, and --gpu-aug's device half."""
+collate order, per-sample seeding, image decoding and data-set errors, one class-to-index map for
+every split (and the six scripts' kNN sets), --skip-bad-images, one clean line for a refused
+checkpoint, and --gpu-aug's device half."""
+import importlib
 import itertools
 import math
 import os
@@ -514,6 +517,89 @@ def test_data_set_errors(tmp_path):
         augment.base_dataset(str(tmp_path), "train")
     write_odd_images(tmp_path / "test")
     assert len(augment.base_dataset(str(tmp_path), "test")) == 5  # test/ when there is no val/
+
+
+def class_folders(root, names, per_class=2):
+    """root/<name>/<i>.png: per_class tiny images of each class."""
+    for name in names:
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / name / f"{i}.png")
+
+
+def test_every_split_is_numbered_by_train_classes(tmp_path, capsys):
+    """test/ lacks class b and has an empty folder z, train/ an empty folder y: c is class 2 in every
+    split (test/'s own numbering would make it 1), with one warning line for each."""
+    class_folders(tmp_path / "train", "abc")
+    class_folders(tmp_path / "test", "ac")
+    (tmp_path / "train" / "y").mkdir()
+    (tmp_path / "test" / "z").mkdir()
+    train, test = (augment.base_dataset(str(tmp_path), split) for split in ("train_labeled", "test"))
+    assert train.classes == test.classes == ["a", "b", "c"] and train.targets == [0, 0, 1, 1, 2, 2]
+    assert [(os.path.basename(os.path.dirname(p)), label) for p, label in test.samples] == [("a", 0), ("a", 0), ("c", 2), ("c", 2)]
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 3 and all(line.startswith("warning: ") for line in warnings), warnings
+    assert "train: 1 empty class folder(s) left out: y" in warnings[0]
+    assert "test: 1 empty class folder(s) left out: z" in warnings[1]
+    assert "test has no images of 1 of the 3 classes: b" in warnings[2]
+    class_folders(tmp_path / "test", "d")  # a class train/ lacks could not be scored
+    with pytest.raises(augment.InputError, match=r"test has class folder\(s\) that train/ lacks: d "):
+        augment.base_dataset(str(tmp_path), "test")
+
+
+@pytest.mark.parametrize("framework", ["mocov2", "mocov3", "byol", "simsiam", "simclr", "barlow"])
+def test_knn_sets_of_every_script_share_train_classes(framework, tmp_path):
+    """The kNN monitor's bank and test sets come from augment.dataset: a class missing from test/
+    leaves the labels of the others alone."""
+    class_folders(tmp_path / "train", "abc")
+    class_folders(tmp_path / "test", "bc")
+    module = importlib.import_module(f"{framework}_asym")
+    _, bank, test = module.make_datasets(module.parse_args(["--data", str(tmp_path), "--image-size", "32"]))
+    assert bank.base.targets == [0, 0, 1, 1, 2, 2] and test.base.targets == [1, 1, 2, 2]
+
+
+def test_skip_bad_images_for_training_and_for_held_out_metrics(tmp_path):
+    """Training (SeededDataset): the next readable image takes the place, seeded by the place; none
+    readable is one clear error. Held out (readable): the unreadable image is left out, each readable
+    one counted once."""
+    class_folders(tmp_path / "test", "ab", per_class=3)
+    bad = tmp_path / "test" / "a" / "1.png"
+    bad.write_bytes(b"not a png")
+    ds = augment.dataset(str(tmp_path), "test", augment.eval_transform(8), skip_bad=True)
+    with pytest.warns(UserWarning, match="1.png"):
+        image, label = ds[1]
+    assert torch.equal(image, ds[2][0]) and label == 0
+    kept, skipped = augment.readable(ds.base)
+    assert (kept, skipped) == ([0, 2, 3, 4, 5], 1)
+    assert augment.readable(ds.base, [1, 2, 5]) == ([2, 5], 1)
+    for path, _ in ds.base.samples:
+        open(path, "wb").write(b"broken")
+    with pytest.raises(augment.InputError, match="none of the 6 images can be read"):
+        with pytest.warns(UserWarning):
+            ds[0]
+    with pytest.raises(augment.InputError, match="none of the 6 held-out images can be read"):
+        augment.readable(ds.base, what="held-out images")
+
+
+def test_refused_checkpoint_is_one_clean_line(tmp_path):
+    """A pickle that would run os.system: the file, what it holds, the first offending global and what
+    to do, in one line without torch's ANSI codes or its advice to turn weights_only off."""
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(augment.InputError) as error:
+        augment.load_weights(tmp_path / "evil.pth")
+    message = str(error.value)
+    assert message.startswith(f"cannot load {tmp_path / 'evil.pth'}: it holds objects other than tensors and plain containers")
+    assert "(the first: posix.system)" in message and "re-save only its tensors" in message
+    assert "\n" not in message and "\x1b" not in message and "arbitrary code" not in message
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(augment.InputError, match=r"^cannot read .*junk.pth: UnpicklingError: Unsupported operand 110$"):
+        augment.load_weights(tmp_path / "junk.pth")
+    torch.save({"w": torch.ones(2)}, tmp_path / "good.pth")
+    assert torch.equal(augment.load_weights(tmp_path / "good.pth")["w"], torch.ones(2))
 
 
 def test_torchvision_set_without_network_says_where_to_put_it(tmp_path, monkeypatch):
