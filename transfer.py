@@ -3,14 +3,16 @@ Kornblith et al. 2019 as used by SimCLR, BYOL and NNCLR.
 
 Protocol in five lines:
     features: frozen backbone (eval mode), pool-5, of resize-224 (bicubic, shorter side) + center crop 224
-    probe: L2-regularised multinomial logistic regression, mean CE + lambda/2 ||W||^2 (bias free), L-BFGS
-    search: 45 log-spaced lambda in [1e-6, 1e5], each trained on train, scored on the validation split
+    probe: L2-regularised multinomial logistic regression, sum CE + wd/2 ||W||^2 (bias free; scikit-learn's
+    C = 1/wd), fitted in float64 as mean CE + lambda/2 ||W||^2 with lambda = wd / n for n images, L-BFGS
+    search: 45 log-spaced wd in [1e-6, 1e5], each trained on train, scored on the validation split
     (official for Aircraft, DTD, Flowers, VOC07; else a seeded 20% of train); retrain on train+val
-    with the best lambda; report on test: top-1, mean per-class accuracy, or VOC07 11-point mAP
+    with the best wd; report on test: top-1, mean per-class accuracy, or VOC07 11-point mAP
 
 Data sets live in --data-root/<name>/ (where each is expected is printed when it is missing);
-features are cached per (checkpoint, data set) in --cache-dir. --dataset folder --data DIR takes
-any ImageFolder tree DIR/train, DIR/test and optionally DIR/val.
+features are cached per (checkpoint, data set) in --cache-dir, and recomputed when any file of the
+data set changed. --dataset folder --data DIR takes any ImageFolder tree DIR/train, DIR/test and
+optionally DIR/val, every split numbered by DIR/train's classes.
 
 Examples:
     python transfer.py --pretrained runs/baseline/backbone.pth --arch resnet50 --datasets all --data-root data
@@ -64,6 +66,9 @@ def parse_args(argv=None):
     g.add_argument("--data", help="--dataset folder: an ImageFolder root with train/, test/ and optionally val/")
     g.add_argument("--metric", default="top1", choices=["top1", "mean_per_class"], help="--dataset folder: its metric")
     g.add_argument("--download", action="store_true", help="let torchvision download the data sets it can (not Cars, Birdsnap, VOC07, SUN397's partitions)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out with a warning instead of stopping: every split is read once "
+                        "first and each readable image counts once (the results give how many were skipped)")
     g.add_argument("--image-size", type=int, default=224, help="resize the shorter side to this (bicubic), then center-crop it")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward when extracting features")
     g.add_argument("--workers", type=int, default=8, help="data loading processes")
@@ -74,7 +79,12 @@ def parse_args(argv=None):
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision of the backbone forward; auto: bf16 (or fp16) on CUDA, off on CPU")
     g = p.add_argument_group("probe")
-    g.add_argument("--lambdas", type=int, default=45, help="how many log-spaced L2 strengths in [1e-6, 1e5] to search")
+    g.add_argument("--lambdas", type=int, default=45,
+                   help="how many log-spaced L2 strengths wd in [1e-6, 1e5] to search. wd is on the summed loss, as "
+                        "scikit-learn's C = 1/wd in the reference code: sum CE + wd/2 ||W||^2, i.e. mean CE + lambda/2 "
+                        "||W||^2 with lambda = wd / n for n training images (n = 1000: lambda in [1e-9, 100]; n = 50000: "
+                        "[2e-11, 2]). With few images the strongest values shrink W to almost 0: for n = 400 CIFAR-10 "
+                        "images of a random ResNet-18, wd >= 1e3 predict one class (README)")
     g.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     g.add_argument("--val-fraction", type=float, default=0.2, help="validation share of train where no official split exists")
     g.add_argument("--seed", type=int, default=0, help="seeds the validation split and Caltech-101's 30 training images per class")
@@ -99,7 +109,8 @@ def probe_transform(size):
 
 
 class Transformed(torch.utils.data.Dataset):
-    """(image, target) of `base` at `indices` (all by default), with `transform` applied."""
+    """(image, target) of `base` at `indices` (all by default), with `transform` applied. An image
+    that cannot be read raises InputError (torchvision's data sets raise PIL's own errors)."""
 
     def __init__(self, base, transform, indices=None):
         self.base, self.transform = base, transform
@@ -109,15 +120,21 @@ class Transformed(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        image, target = self.base[self.indices[i]]
+        try:
+            image, target = self.base[self.indices[i]]
+        except augment.InputError:
+            raise
+        except Exception as e:
+            raise augment.InputError(f"cannot read image {self.indices[i]} of {type(self.base).__name__}: "
+                                     f"{' '.join(str(e).split())} (--skip-bad-images leaves it out)") from None
         return self.transform(image), target
 
 
 class FileList(torch.utils.data.Dataset):
     """Images from a list of paths, with their targets (a class index, or a 0/1/-1 row for VOC07)."""
 
-    def __init__(self, paths, targets):
-        self.paths, self.targets = paths, targets
+    def __init__(self, paths, targets, classes=None):
+        self.paths, self.targets, self.classes = paths, targets, classes
 
     def __len__(self):
         return len(self.paths)
@@ -139,11 +156,12 @@ def sun397(root):
              for name in ("Training_01.txt", "Testing_01.txt")]
     if not os.path.exists(os.path.join(data, "ClassName.txt")) or None in lists:
         raise FileNotFoundError
-    classes = {c: i for i, c in enumerate(read_lines(os.path.join(data, "ClassName.txt")))}  # "/a/abbey"
+    names = read_lines(os.path.join(data, "ClassName.txt"))  # "/a/abbey": one map for both splits
+    classes = {c: i for i, c in enumerate(names)}
 
     def split(listing):  # lines like /a/abbey/sun_aaalbzqrimafwbiv.jpg
         lines = read_lines(listing)
-        return FileList([data + line for line in lines], [classes[os.path.dirname(line)] for line in lines])
+        return FileList([data + line for line in lines], [classes[os.path.dirname(line)] for line in lines], names)
 
     return {"train": split(lists[0]), "val": None, "test": split(lists[1])}
 
@@ -253,10 +271,11 @@ def load_splits(name, args):
     if name == "folder":
         if not args.data or not os.path.isdir(os.path.join(args.data, "train")):
             raise augment.InputError(f"--dataset folder needs --data DIR with DIR/train/ and DIR/test/ (got {args.data})")
-        part = lambda s: augment.ImageFiles(os.path.join(args.data, s)) if os.path.isdir(os.path.join(args.data, s)) else None
-        if part("test") is None:
+        if not os.path.isdir(os.path.join(args.data, "test")):
             raise augment.InputError(f"--data {args.data}: no test/ folder")
-        splits = {s: part(s) for s in ("train", "val", "test")}
+        # every split numbered by train/'s classes: a class missing from test/ shifts no label
+        splits = {s: augment.folder_split(args.data, s) if os.path.isdir(os.path.join(args.data, s)) else None
+                  for s in ("train", "val", "test")}
         metric = args.metric
     else:
         root = os.path.join(args.data_root, name)
@@ -278,8 +297,28 @@ def load_splits(name, args):
 
 
 # =============================================================================================
-# Model: the frozen backbone and its features, cached per (checkpoint, data set)
+# Model: the frozen backbone and its features, cached per (checkpoint, data set, its files)
 # =============================================================================================
+def data_root(name, args):
+    """The folder that holds every file of data set `name`."""
+    return args.data if name == "folder" else os.path.join(args.data_root, name)
+
+
+def data_fingerprint(root, args):
+    """SHA-1 of (relative path, size, modification time) of every file under `root` (but the cache and
+    output folders), and of --skip-bad-images: an image added, removed, replaced or edited in place
+    changes it."""
+    skip = {os.path.abspath(d) for d in (args.cache_dir, args.output_dir)}
+    digest = hashlib.sha1(f"skip_bad_images={args.skip_bad_images}".encode())
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if os.path.abspath(os.path.join(folder, d)) not in skip)
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def cache_path(args, name):
     """One file per (checkpoint, data set, image size): keyed by the checkpoint's path, size and time."""
     if args.pretrained == "random":
@@ -308,19 +347,55 @@ def extract(backbone, dataset, device, args):
     return torch.cat(features), torch.cat(targets)
 
 
-def features_of(name, backbone, device, args):
-    """{"train", "val" (or None), "test"}: (features, targets) from the cache or computed, and the metric."""
+def read_cache(path, fingerprint):
+    """The cached {"features", "skipped"} at `path` if it was computed from these very files, else None."""
+    if not os.path.exists(path):
+        return None
+    try:
+        cached = augment.load_weights(path)
+    except augment.InputError as e:
+        print(f"{path}: {e}; recomputing", flush=True)
+        return None
+    if not isinstance(cached, dict) or cached.get("fingerprint") != fingerprint:
+        print(f"{path}: the data set's files changed since these features were computed; recomputing", flush=True)
+        return None
+    return cached
+
+
+def features_of(name, splits, backbone, device, args):
+    """{"train", "val" (or None), "test"}: (features, targets) from the cache or computed, and
+    {split: how many unreadable images --skip-bad-images left out}."""
     path = cache_path(args, name)
-    splits, metric = load_splits(name, args)  # also checks the data is there
-    if os.path.exists(path):
-        return torch.load(path, weights_only=True), metric
+    fingerprint = data_fingerprint(data_root(name, args), args)
+    cached = read_cache(path, fingerprint)
+    if cached is not None:
+        return cached["features"], cached["skipped"]
     tick = time.time()
+    skipped = {}
+    for split, ds in splits.items():
+        if ds is not None and args.skip_bad_images:  # each readable image once
+            ds.indices, skipped[split] = augment.readable(ds.base, ds.indices, args.workers, f"{name} {split} images")
     feats = {split: None if ds is None else extract(backbone, ds, device, args) for split, ds in splits.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    lincls.save_atomic(feats, path)
+    lincls.save_atomic({"fingerprint": fingerprint, "features": feats, "skipped": skipped}, path)
     print(f"{name}: features of {', '.join(f'{len(v[0])} {k}' for k, v in feats.items() if v)} images "
           f"in {time.time() - tick:.0f} s -> {path}", flush=True)
-    return feats, metric
+    return feats, skipped
+
+
+def check_classes(name, feats, splits):
+    """A val or test class without training images could not be scored: an error naming it."""
+    train = set(feats["train"][1].tolist())
+    for split in ("val", "test"):
+        if feats.get(split) is None or feats[split][1].ndim != 1:  # VOC07's multi-label rows: 20 fixed classes
+            continue
+        unknown = sorted(set(feats[split][1].tolist()) - train)
+        if unknown:
+            classes = getattr(splits[split].base, "classes", None) or []
+            names = [f"{classes[c]}" if c < len(classes) else f"class {c}" for c in unknown]
+            raise augment.InputError(f"{name}: the {split} split has images of {len(unknown)} class(es) without "
+                                     f"training images, which cannot be scored: {', '.join(names[:5])}"
+                                     + (", ..." if len(unknown) > 5 else ""))
 
 
 def validation_split(feats, fraction, seed):
@@ -335,8 +410,11 @@ def validation_split(feats, fraction, seed):
 
 
 # =============================================================================================
-# Probe: logistic regression with L-BFGS, the metrics, the search over lambda
+# Probe: logistic regression with L-BFGS, the metrics, the search over wd
 # =============================================================================================
+TOLERANCE = 1e-6  # L-BFGS stops when no partial derivative of the probe loss exceeds this (or at --max-iter)
+
+
 def probe_loss(x, y, weight, bias, lam):
     """Mean cross-entropy (multi-class, y: N) or mean over images of the summed one-vs-rest
     logistic losses (multi-label, y: NxC of 1 / 0 / -1 = ignore) + lam/2 ||W||^2; the bias is free."""
@@ -350,13 +428,17 @@ def probe_loss(x, y, weight, bias, lam):
 
 
 def fit_logistic(x, y, num_classes, lam, max_iter=1000, init=None):
-    """L-BFGS on the convex probe loss -> (weight DxC, bias C). init: a warm start (weight, bias)."""
+    """L-BFGS on the convex probe loss -> (weight DxC, bias C). init: a warm start (weight, bias).
+    In float32 it stalls short of the optimum (its rounding floors the gradient near 1e-4): give it
+    float64 features. It stops at the TOLERANCE on the gradient, after max_iter iterations, or when
+    the line search can make no step; never on a small change of the loss, which comes early when
+    lam is small."""
     weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
     bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+                                  tolerance_grad=TOLERANCE, tolerance_change=0.0, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
@@ -366,6 +448,13 @@ def fit_logistic(x, y, num_classes, lam, max_iter=1000, init=None):
 
     optimizer.step(closure)
     return weight.detach(), bias.detach()
+
+
+def max_gradient(x, y, weight, bias, lam):
+    """The largest partial derivative of the probe loss at (weight, bias): 0 at the optimum."""
+    weight, bias = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    grads = torch.autograd.grad(probe_loss(x, y, weight, bias, lam), [weight, bias])
+    return max(g.abs().max().item() for g in grads)
 
 
 def top1(scores, y):
@@ -398,24 +487,35 @@ def map11(scores, y):
 METRICS = {"top1": top1, "mean_per_class": mean_per_class, "map11": map11}
 
 
-def lambda_grid(n):
-    """n log-spaced L2 strengths from 1e-6 to 1e5 (n = 45: the standard grid, 4 per decade + 1)."""
+def wd_grid(n):
+    """n log-spaced L2 strengths wd from 1e-6 to 1e5 (n = 45: the standard grid, 4 per decade + 1)."""
     return torch.logspace(-6, 5, n, dtype=torch.float64).tolist()
 
 
-def probe(train, val, test, num_classes, metric, lambdas, max_iter=1000):
-    """The protocol on features: search lambda on (train, val), retrain on train+val, score test.
-    Each of train / val / test is (NxD features, targets). -> dict of the results."""
+# +---------------------------------------------------------------------------------------------+
+# | One grid, two scales. The reference code (scikit-learn, C = 1/wd) minimises                 |
+# |     sum_i CE_i + wd/2 ||W||^2,   i.e. n x (mean_i CE_i + lambda/2 ||W||^2), lambda = wd / n |
+# | for n training images. The grid is in wd, as the literature's; each fit minimises the mean  |
+# | form with lambda = wd / n (better scaled), so the search (n = train) and the retrain          |
+# | (n = train + val) use the same wd with their own lambda, as scikit-learn with the same C.    |
+# +---------------------------------------------------------------------------------------------+
+def probe(train, val, test, num_classes, metric, grid, max_iter=1000):
+    """The protocol on features: search wd on (train, val), retrain on train+val, score test. Each of
+    train / val / test is (NxD features, targets); the fits run in float64. -> dict of the results,
+    with the largest partial derivative left at the end of the retrain (converged: <= TOLERANCE)."""
     score = METRICS[metric]
+    train, val, test = ((x.double(), y) for x, y in (train, val, test))
     val_scores, init = {}, None
-    for lam in sorted(lambdas, reverse=True):  # strongest first: each fit warm-starts the next, weaker one
-        init = fit_logistic(train[0], train[1], num_classes, lam, max_iter, init)
-        val_scores[lam] = score(val[0] @ init[0] + init[1], val[1])
-    best = max(sorted(lambdas, reverse=True), key=lambda lam: val_scores[lam])  # ties: the stronger lambda
+    for wd in sorted(grid, reverse=True):  # strongest first: each fit warm-starts the next, weaker one
+        init = fit_logistic(train[0], train[1], num_classes, wd / len(train[0]), max_iter, init)
+        val_scores[wd] = score(val[0] @ init[0] + init[1], val[1])
+    best = max(sorted(grid, reverse=True), key=lambda wd: val_scores[wd])  # ties: the stronger wd
     both = (torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]]))
-    weight, bias = fit_logistic(both[0], both[1], num_classes, best, max_iter)
-    return {"best_lambda": best, "val_score": val_scores[best], "test_score": score(test[0] @ weight + bias, test[1]),
-            "val_scores": [val_scores[lam] for lam in lambdas], "weight": weight, "bias": bias}
+    lam = best / len(both[0])
+    weight, bias = fit_logistic(both[0], both[1], num_classes, lam, max_iter)
+    return {"best_wd": best, "lambda": lam, "val_score": val_scores[best], "test_score": score(test[0] @ weight + bias, test[1]),
+            "val_scores": [val_scores[wd] for wd in grid], "max_gradient": max_gradient(*both, weight, bias, lam),
+            "weight": weight, "bias": bias}
 
 
 # =============================================================================================
@@ -446,11 +546,10 @@ def run(args):
         args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     backbone, _, args.arch, reference = lincls.load_backbone(args.pretrained, args.arch, args.seed)
     backbone.to(device)
-    present = []
+    present = {}
     for name in names:  # every missing data set is reported before any work
         try:
-            load_splits(name, args)
-            present.append(name)
+            present[name] = load_splits(name, args)
         except augment.InputError as e:
             if args.dataset != ["all"]:
                 raise
@@ -459,18 +558,24 @@ def run(args):
         raise augment.InputError(f"none of the 12 data sets is in --data-root {args.data_root}")
     os.makedirs(args.output_dir, exist_ok=True)
     results = {}
-    for name in present:
+    for name, (splits, metric) in present.items():
         tick = time.time()
-        feats, metric = features_of(name, backbone, device, args)
+        feats, skipped = features_of(name, splits, backbone, device, args)
+        check_classes(name, feats, splits)
         train, val = validation_split(feats, args.val_fraction, args.seed)
         test = feats["test"]
         num_classes = train[1].shape[1] if train[1].ndim == 2 else int(max(train[1].max(), val[1].max(), test[1].max())) + 1
         on = lambda pair: (pair[0].to(device), pair[1].to(device))
-        result = probe(on(train), on(val), on(test), num_classes, metric, lambda_grid(args.lambdas), args.max_iter)
+        result = probe(on(train), on(val), on(test), num_classes, metric, wd_grid(args.lambdas), args.max_iter)
+        if result["max_gradient"] > TOLERANCE:
+            augment.warn(f"{name}: the final fit stopped at --max-iter {args.max_iter} with a gradient of "
+                         f"{result['max_gradient']:.1e} > {TOLERANCE:g}, short of the optimum; raise --max-iter")
         results[name] = {"dataset": name, "metric": metric, "test_score": result["test_score"],
-                         "best_lambda": result["best_lambda"], "val_score": result["val_score"],
+                         "best_wd": result["best_wd"], "lambda": result["lambda"], "val_score": result["val_score"],
+                         "max_gradient": result["max_gradient"],
                          "train": len(train[0]), "val": len(val[0]), "test": len(test[0]), "classes": num_classes,
-                         "pretrained": args.pretrained, "arch": args.arch, "seconds": round(time.time() - tick, 1)}
+                         "skipped": sum(skipped.values()), "pretrained": args.pretrained, "arch": args.arch,
+                         "seconds": round(time.time() - tick, 1)}
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results[name].items()), flush=True)
         with open(os.path.join(args.output_dir, "results.jsonl"), "a") as f:
             f.write(json.dumps(results[name]) + "\n")
