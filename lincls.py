@@ -58,7 +58,10 @@ def parse_args(argv=None):
     g.add_argument("--data", default="synthetic",
                    help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root with train/ and val/ or test/")
     g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
-    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out with a warning instead of stopping: held-out images are checked "
+                        "first and each readable one counts once (the final line gives val_skipped); a training "
+                        "image's place goes to the next readable one")
     g.add_argument("--image-size", type=int, default=224, help="crop size (32 for CIFAR); val resizes to size x 256/224 first")
     g.add_argument("--workers", type=int, default=8, help="data loading processes per process")
     g = p.add_argument_group("model")
@@ -117,12 +120,23 @@ def train_transform(size):
 
 
 def make_datasets(args):
-    """Labelled training images (augmented or center crops) and the held-out split (center crops)."""
+    """Labelled training images (augmented or center crops) and the held-out split (center crops),
+    every split numbered by the training split's classes (augment.folder_split). --skip-bad-images:
+    an unreadable training image gives its place to the next readable one (batches keep their size)."""
     eval_t = augment.eval_transform(args.image_size)
     train_t = eval_t if args.no_aug else train_transform(args.image_size)
     train_set = augment.dataset(args.data, "train_labeled", train_t, args.data_root, args.seed, args.skip_bad_images)
     val_set = augment.dataset(args.data, "test", eval_t, args.data_root, skip_bad=args.skip_bad_images)
     return train_set, val_set
+
+
+def readable_val(val_set, args):
+    """--skip-bad-images: the held-out images that can be read (each is read once, now), so that the
+    accuracy counts every readable image once -> (val set, how many were left out)."""
+    if not args.skip_bad_images:
+        return val_set, 0
+    kept, skipped = augment.readable(val_set.base, workers=args.workers, what="held-out images")
+    return torch.utils.data.Subset(val_set, kept), skipped
 
 
 def train_loader(train_set, epoch, skip_batches, args):
@@ -170,21 +184,18 @@ def short_list(keys, n=4):
 
 
 def read_backbone_weights(path):
-    """Any supported checkpoint -> (torchvision-keyed backbone state dict without fc, the
-    pretraining args: our checkpoint.pth's, else {}). Unreadable or foreign files raise InputError."""
+    """Any supported checkpoint -> (torchvision-keyed backbone state dict without fc, the architecture
+    the file declares: our checkpoint.pth's args, an official checkpoint's "arch", else None).
+    Unreadable or foreign files raise InputError."""
     if not os.path.isfile(path):
         raise augment.InputError(f"--pretrained {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        detail = " ".join(str(e).split())[:200]
-        raise augment.InputError(f"cannot read checkpoint {path}: {type(e).__name__}: {detail}") from None
+    ckpt = augment.load_weights(path)
     if not isinstance(ckpt, dict):
         raise augment.InputError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
-    pretrain_args = {}
+    declared = ckpt.get("arch")
     if isinstance(ckpt.get("source"), dict):  # our checkpoint.pth: the source encoder's backbone
-        state, prefix, pretrain_args = ckpt["source"], "backbone.", ckpt.get("args", {})
-    else:  # an official checkpoint {"state_dict": ...}, or a plain state dict (our backbone.pth)
+        state, prefix, declared = ckpt["source"], "backbone.", ckpt.get("args", {}).get("arch")
+    else:  # an official checkpoint {"arch": ..., "state_dict": ...}, or a plain state dict (our backbone.pth)
         state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
         prefix = next((p for p in OFFICIAL_PREFIXES if any(k.startswith(p) for k in state)), "")
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
@@ -195,21 +206,42 @@ def read_backbone_weights(path):
     if not state:
         raise augment.InputError(f"no backbone weights in {path} (looked for keys starting with backbone., "
                                  f"{', '.join(OFFICIAL_PREFIXES)} or torchvision names)")
-    return state, pretrain_args
+    return state, declared if isinstance(declared, str) else None
 
 
-def build_backbone(arch, state):
-    """A backbone of `arch` shaped like the weights `state` (CIFAR stem, ViT patch and image size),
-    loaded strictly; -> (backbone, feature dim). `state` None: random initialisation."""
+def make_backbone(arch, state):
+    """A randomly initialised backbone of `arch` shaped like the weights `state` (CIFAR stem, ViT
+    patch and image size; `state` None: the defaults) -> (backbone, feature dim)."""
     if arch in VITS:
         patch, image_size = 16, 224
         if state is not None and "conv_proj.weight" in state and "encoder.pos_embedding" in state:
             patch = state["conv_proj.weight"].shape[-1]  # Dx3xPxP
             image_size = math.isqrt(state["encoder.pos_embedding"].shape[1] - 1) * patch  # 1x(1+g*g)xD
-        net, dim = mocov3_asym.vit_backbone(arch, image_size, patch)
-    else:
-        cifar_stem = state is not None and "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3
-        net, dim = resnet_backbone(arch, cifar_stem)
+        return mocov3_asym.vit_backbone(arch, image_size, patch)
+    cifar_stem = state is not None and "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3
+    return resnet_backbone(arch, cifar_stem)
+
+
+def fits(arch, state):
+    """Whether `state` has exactly the keys and shapes of an `arch` backbone (built on the meta
+    device: no memory, no time)."""
+    with torch.device("meta"):
+        expected = make_backbone(arch, state)[0].state_dict()
+    return expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in state)
+
+
+def guess_arch(state):
+    """The first architecture (torchvision ResNets, then the ViTs) whose keys and shapes `state` has, or None.
+    The blocks tell them apart: ResNet-18/34 have two 3x3 convolutions per block, 50/101/152 a
+    1x1-3x3-1x1 bottleneck (conv3); the depth is the number of blocks per stage."""
+    return next((arch for arch in RESNETS + VITS if fits(arch, state)), None)
+
+
+def build_backbone(arch, state, declared=None):
+    """A backbone of `arch` shaped like the weights `state`, loaded strictly; -> (backbone, feature
+    dim). `state` None: random initialisation. Weights that do not fit say which architecture the
+    file declares or appears to hold."""
+    net, dim = make_backbone(arch, state)
     if state is None:
         return net, dim
     expected = net.state_dict()
@@ -218,27 +250,32 @@ def build_backbone(arch, state):
     resized = [f"{k} ({'x'.join(map(str, state[k].shape))} in the file, {'x'.join(map(str, expected[k].shape))} here)"
                for k in state if k in expected and state[k].shape != expected[k].shape]
     if missing or unexpected or resized:
+        guess = guess_arch(state)
+        hint = (f"; the file declares {declared}" if declared else "") + (
+            f"; its keys and shapes are those of a {guess}: pass --arch {guess}" if guess else
+            "; its keys and shapes fit none of the torchvision ResNets or the ViTs here")
         raise augment.InputError(f"the weights do not fit a {arch} backbone: missing keys {short_list(missing)}; "
-                                 f"unexpected keys {short_list(unexpected)}" + (f"; other shapes: {short_list(resized, 2)}" if resized else ""))
+                                 f"unexpected keys {short_list(unexpected)}"
+                                 + (f"; other shapes: {short_list(resized, 2)}" if resized else "") + hint)
     net.load_state_dict(state)
     return net, dim
 
 
 def load_backbone(pretrained, arch, seed=0):
     """--pretrained and --arch -> (frozen backbone in eval mode, feature dim, arch, a copy of the
-    weights it must keep). Our checkpoint.pth names its arch; a flag that disagrees is an error."""
+    weights it must keep). Without --arch: the architecture the file declares (our checkpoint.pth's
+    args, an official checkpoint's "arch"), else resnet50; a flag that disagrees with it is an error."""
     if pretrained == "random":
-        state, pretrain_args = None, {}
+        state, declared = None, None
     else:
-        state, pretrain_args = read_backbone_weights(pretrained)
-    saved_arch = pretrain_args.get("arch")
-    if arch and saved_arch and arch != saved_arch:
-        raise augment.InputError(f"--arch {arch}, but {pretrained} holds a {saved_arch}")
-    arch = arch or saved_arch or "resnet50"
+        state, declared = read_backbone_weights(pretrained)
+    if arch and declared and arch != declared:
+        raise augment.InputError(f"--arch {arch}, but {pretrained} holds a {declared}: pass --arch {declared} or leave it out")
+    arch = arch or declared or "resnet50"
     if arch not in RESNETS + VITS:
         raise augment.InputError(f"--arch {arch} is not a torchvision ResNet or one of {', '.join(VITS)}")
     torch.manual_seed(seed)
-    backbone, dim = build_backbone(arch, state)
+    backbone, dim = build_backbone(arch, state, declared)
     backbone.requires_grad_(False)
     backbone.eval()  # BN uses its running statistics and never updates them
     reference = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -332,8 +369,8 @@ def accuracy(backbone, head, val_loader, device, args):
 # =============================================================================================
 def load_checkpoint(path, head, optimizer, steps_per_epoch):
     """Restore the head and optimizer from `path`; -> (step, best top-1). Bad files raise InputError."""
+    ckpt = augment.load_weights(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except Exception as e:
@@ -387,6 +424,7 @@ def train(args):
     resolve_preset(args, args.arch)
     train_set, val_set = make_datasets(args)
     check_args(args, train_set, backbone)
+    val_set, val_skipped = readable_val(val_set, args)
     os.makedirs(args.output_dir, exist_ok=True)
     backbone.to(device)
     num_classes = len(train_set.base.classes)
@@ -449,7 +487,8 @@ def train(args):
     if top1 is None:  # resumed a finished run: report its accuracy again
         top1, top5 = accuracy(run_backbone, head, val_loader, device, args)
     check_backbone_unchanged(backbone, reference)
-    log(args, {"best_top1": best_top1, "final_top1": top1, "final_top5": top5, "backbone_unchanged": True})
+    log(args, {"best_top1": best_top1, "final_top1": top1, "final_top5": top5, "backbone_unchanged": True,
+               "val_images": len(val_set), "val_skipped": val_skipped})
     if dist.is_initialized():
         dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
         dist.destroy_process_group()

@@ -1,6 +1,11 @@
 """lincls.py: the backbone from each checkpoint layout (ours from a real run, the official ones built
-here), one clear error naming the keys that do not fit, the no-weight-moved check, the presets,
-1 process == 2 processes (with a resume), and cached features == a direct probe on center crops."""
+here), one clear error naming the keys that do not fit and the architecture the file holds, a
+refused pickle in one clean line, the no-weight-moved check, the presets, 1 process == 2 processes
+(with a resume), cached features == a direct probe on center crops, the held-out split numbered by
+train's classes, and --skip-bad-images counting each readable held-out image once."""
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn as nn
@@ -115,6 +120,70 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_weights_that_do_not_fit_name_the_architecture_they_hold(tmp_path, capsys):
+    """A ResNet-18 file probed as the default resnet50: its keys and shapes say resnet18. An official
+    checkpoint's "arch" is used without --arch, and a contradicting --arch is refused."""
+    state = resnet18_state()
+    torch.save(state, tmp_path / "backbone.pth")
+    with pytest.raises(augment.InputError, match="those of a resnet18: pass --arch resnet18$"):
+        lincls.load_backbone(str(tmp_path / "backbone.pth"), None)
+    with pytest.raises(augment.InputError, match="do not fit a resnet34 .* those of a resnet18: pass --arch resnet18$"):
+        lincls.load_backbone(str(tmp_path / "backbone.pth"), "resnet34")
+    wide = lincls.make_backbone("wide_resnet50_2", None)[0].state_dict()
+    torch.save(wide, tmp_path / "wide.pth")
+    with pytest.raises(augment.InputError, match="those of a wide_resnet50_2: pass --arch wide_resnet50_2$"):
+        lincls.load_backbone(str(tmp_path / "wide.pth"), "resnet50")  # the same keys, twice the width
+    torch.save({"arch": "resnet18", "state_dict": {"module.encoder_q." + k: v for k, v in state.items()}},
+               tmp_path / "official.pth.tar")
+    backbone, _, arch, _ = lincls.load_backbone(str(tmp_path / "official.pth.tar"), None)
+    assert arch == "resnet18"
+    assert_same_weights(backbone, state)
+    with pytest.raises(SystemExit):
+        lincls.main(PROBE + ["--pretrained", str(tmp_path / "official.pth.tar"), "--arch", "resnet50",
+                             "--output-dir", str(tmp_path / "run")])
+    assert capsys.readouterr().err == (f"error: --arch resnet50, but {tmp_path / 'official.pth.tar'} holds a resnet18: "
+                                       f"pass --arch resnet18 or leave it out\n")
+
+
+def test_refused_pickle_is_one_clean_line(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    torch.save({"state_dict": resnet18_state(), "hook": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(SystemExit) as exit_:
+        lincls.main(PROBE + ["--pretrained", str(tmp_path / "evil.pth"), "--arch", "resnet18", "--output-dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and "\x1b" not in lines[0]
+    assert lines[0].startswith(f"error: cannot load {tmp_path / 'evil.pth'}: it holds objects other than tensors and "
+                               f"plain containers (the first: posix.system)") and "re-save" in lines[0]
+
+
+def test_held_out_split_is_numbered_by_train_classes(folder, tmp_path):
+    """test/ without class 0: the probe scores its images against their own classes 1..9."""
+    data = shutil.copytree(folder, tmp_path / "data")
+    shutil.rmtree(data / "test" / "0")
+    train_set, val_set = lincls.make_datasets(lincls.parse_args(PROBE + ["--data", str(data), "--pretrained", "random"]))
+    assert train_set.base.classes == val_set.base.classes == [str(c) for c in range(10)]
+    assert val_set.base.targets == [int(os.path.basename(os.path.dirname(p))) for p, _ in val_set.base.samples]
+    assert min(val_set.base.targets) == 1
+
+
+def test_skip_bad_images_counts_each_readable_held_out_image_once(ours, folder, tmp_path):
+    """An unreadable test image with --skip-bad-images: the accuracy of the data set without that
+    file (not 16 images with a readable one twice), and the count skipped."""
+    data = shutil.copytree(folder, tmp_path / "data")
+    (data / "test" / "3" / "3.png").write_bytes(b"not a png")
+    args = PROBE + ["--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18", "--batch-size", "16",
+                    "--epochs", "2", "--cached-features", "--skip-bad-images"]
+    lincls.main(args + ["--data", str(data), "--output-dir", str(tmp_path / "skipping")])
+    os.remove(data / "test" / "3" / "3.png")
+    lincls.main(args + ["--data", str(data), "--output-dir", str(tmp_path / "clean")])
+    skipping, clean = read_log(tmp_path / "skipping")[-1], read_log(tmp_path / "clean")[-1]
+    assert skipping["final_top1"] == clean["final_top1"] and skipping["final_top5"] == clean["final_top5"]
+    assert (skipping["val_images"], skipping["val_skipped"], clean["val_images"], clean["val_skipped"]) == (15, 1, 15, 0)
 
 
 def test_sanity_check_catches_a_moved_weight(tmp_path):
