@@ -60,18 +60,23 @@ def parse_args(argv=None):
     g.add_argument("--data", default="synthetic",
                    help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root with train/ and val/ or test/")
     g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
-    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out with a warning instead of stopping: the first --num-images are "
+                        "checked first and only the readable ones are measured, each once")
     g.add_argument("--image-size", type=int, help="standard crop size (default: the checkpoint's, else 224)")
     g.add_argument("--num-images", type=int, default=0,
-                   help="first N held-out images (0: all); rounded down to a multiple of --batch-size")
+                   help="first N held-out images (0: all; --skip-bad-images: the readable ones among them); "
+                        "rounded down to a multiple of --batch-size")
     g.add_argument("--workers", type=int, default=4,
                    help="data loading processes per process (each holds a batch of B x r views: fewer if memory is short)")
     g = p.add_argument_group("encoder")
     g.add_argument("--checkpoint", help="checkpoint.pth of any *_asym.py script, or its output dir (none: a random-init encoder)")
     g.add_argument("--framework", choices=FRAMEWORKS,
                    help="which script's encoder and default views (default: detected from the checkpoint, else mocov2)")
-    g.add_argument("--arch", default="resnet50", help="random-init encoder only (a checkpoint brings its own)")
-    g.add_argument("--cifar-stem", action="store_true", help="random-init encoder only: 3x3 stride-1 stem, no max-pool")
+    g.add_argument("--arch", help="random-init encoder: its architecture (default resnet50); with --checkpoint it "
+                   "comes from the checkpoint, and a different --arch is an error")
+    g.add_argument("--cifar-stem", action="store_true", help="random-init encoder: 3x3 stride-1 stem, no max-pool "
+                   "(with --checkpoint: from the checkpoint; given for one without it, an error)")
     g.add_argument("--features", choices=["projector", "backbone"], default="projector",
                    help="encodings: backbone + projector (the paper) or the pool-5 backbone features")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -86,7 +91,8 @@ def parse_args(argv=None):
                    help="syncbn: the projector BN sees k batches of B at once, as SyncBN over k devices would")
     g.add_argument("--seed", type=int, default=0, help="seeds the views (per image) and a random-init encoder")
     g = p.add_argument_group("dimensional collapse")
-    g.add_argument("--collapse", action="store_true", help="also the singular-value spectrum and its AUC (Li et al. 2022)")
+    g.add_argument("--collapse", action="store_true", help="also the singular-value spectrum and its AUC (Li et al. 2022): "
+                   "min(N, D) singular values of N images x D dimensions, as their torch.svd(R).S")
     g.add_argument("--collapse-l2", action="store_true", help="l2-normalise the feature rows before centring (default: raw pool-5)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/variance", help="variance.md, variance.csv, variance_per_image.csv, plots")
@@ -130,11 +136,12 @@ class DesignViews:
         return self.views(image)[self.key]
 
 
-def image_batches(n_images, args):
-    """Batches of B consecutive images in groups of k batches (one SyncBN group); process i takes
-    every world-th group, so every design sees the same BN batches on any number of processes."""
+def image_batches(images, args):
+    """Batches of B consecutive images (indices into the data set) in groups of k batches (one SyncBN
+    group); process i takes every world-th group, so every design sees the same BN batches on any
+    number of processes."""
     b, k = args.batch_size, args.syncbn_devices
-    batches = [list(range(start, start + b)) for start in range(0, n_images, b)]
+    batches = [list(images[start:start + b]) for start in range(0, len(images), b)]
     groups = [batches[start:start + k] for start in range(0, len(batches), k)]
     return [batch for group in groups[rank()::world_size()] for batch in group]
 
@@ -172,10 +179,7 @@ def read_checkpoint(path):
     path = os.path.join(path, "checkpoint.pth") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise augment.InputError(f"--checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise augment.InputError(f"--checkpoint {path}: cannot read it ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    ckpt = augment.load_weights(path)
     if not isinstance(ckpt, dict) or not {"args", "source"} <= set(ckpt):
         raise augment.InputError(f"--checkpoint {path}: not a checkpoint.pth of the *_asym.py scripts "
                                  f"(no 'args' and 'source'; backbone.pth holds the backbone only)")
@@ -191,11 +195,16 @@ def build_encoder(args, device):
     module, defaults = script_defaults(framework)
     if ckpt:
         model_args = argparse.Namespace(**{**defaults, **ckpt["args"]})
+        if args.arch and args.arch != model_args.arch:
+            raise augment.InputError(f"--arch {args.arch}, but --checkpoint {args.checkpoint} holds a {model_args.arch}: "
+                                     f"leave --arch out (the checkpoint brings its own) or pass --arch {model_args.arch}")
+        if args.cifar_stem and not model_args.cifar_stem:
+            raise augment.InputError(f"--cifar-stem, but --checkpoint {args.checkpoint} has the ImageNet stem: leave it out")
     else:
         known = module.RESNETS + list(getattr(module, "VITS", []))
-        if args.arch not in known:
+        if (args.arch or "resnet50") not in known:
             raise augment.InputError(f"--arch {args.arch} is not an architecture of {framework}_asym.py ({', '.join(known)})")
-        model_args = argparse.Namespace(**{**defaults, "arch": args.arch, "cifar_stem": args.cifar_stem,
+        model_args = argparse.Namespace(**{**defaults, "arch": args.arch or "resnet50", "cifar_stem": args.cifar_stem,
                                            "image_size": args.image_size or 224})
     torch.manual_seed(args.seed)
     with_predictor = "predictor" in inspect.signature(module.Encoder).parameters
@@ -232,10 +241,11 @@ def cumulative_explained_variance(s):
 
 
 def singular_values(features, l2=False):
-    """N x D features -> the D singular values (zeros past rank N) of the column-centred matrix."""
+    """N x D features -> the min(N, D) singular values of the column-centred matrix, as Li et al.'s
+    torch.svd(R).S: with N < D the curve has N points, not D padded with zeros (which would count
+    the D - N missing directions as collapsed and raise the AUC)."""
     r = F.normalize(features.double(), dim=1) if l2 else features.double()
-    s = torch.linalg.svdvals(r - r.mean(0))
-    return torch.cat([s, s.new_zeros(r.shape[1] - len(s))])
+    return torch.linalg.svdvals(r - r.mean(0))
 
 
 def simsiam_std(z):
@@ -406,11 +416,19 @@ def plot_spectrum(s, cev, auc, path, plt):
     plt.close(fig)
 
 
-def write_outputs(per_image, collapse, d, info, args):
-    """variance.md (printed too), variance.csv, variance_per_image.csv, collapse_spectrum.csv and the plots."""
+def uniform_reference(r, d):
+    """The variance of r encodings drawn uniformly on the sphere in d dimensions: E||mean of r unit
+    vectors||^2 = 1/r, so (1 - 1/r)/d (1/d only as r grows)."""
+    return (1 - 1 / r) / d
+
+
+def write_outputs(per_image, images, collapse, d, info, args):
+    """variance.md (printed too), variance.csv, variance_per_image.csv (one row per data-set index in
+    `images`), collapse_spectrum.csv and the plots."""
     os.makedirs(args.output_dir, exist_ok=True)
     base = per_image["baseline"].mean().item()
-    lines = [f"Variance reference: {info}. Encodings uniform on the sphere give 1/d = {1e4 / d:.1f}e-4.", "",
+    lines = [f"Variance reference: {info}. Encodings uniform on the sphere give (1 - 1/r)/d = "
+             f"{1e4 * uniform_reference(args.views, d):.1f}e-4 for r={args.views}, d={d}.", "",
              "| design | v (x1e-4) | v / v_baseline | paper v (x1e-4) | paper v / v_baseline |",
              "|---|---|---|---|---|"]
     with open(os.path.join(args.output_dir, "variance.csv"), "w", newline="") as f:
@@ -425,8 +443,8 @@ def write_outputs(per_image, collapse, d, info, args):
     with open(os.path.join(args.output_dir, "variance_per_image.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image"] + list(per_image))
-        for i, row in enumerate(torch.stack(list(per_image.values()), dim=1).tolist()):
-            writer.writerow([i] + [f"{v:.6e}" for v in row])
+        for image, row in zip(images, torch.stack(list(per_image.values()), dim=1).tolist()):
+            writer.writerow([image] + [f"{v:.6e}" for v in row])
     plt = pyplot()
     notes = []
     if plt:
@@ -434,10 +452,10 @@ def write_outputs(per_image, collapse, d, info, args):
     else:
         notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
     if collapse:
-        s, cev, auc, std, n, rows = collapse
+        s, cev, auc, std, n, d_features, rows = collapse
         lines += ["", "Partial dimensional collapse (Li, Efros, Pathak 2022): backbone features, eval mode and eval views.", "",
-                  "| images N | dim D | rows | AUC | std x sqrt(D) |", "|---|---|---|---|---|",
-                  f"| {n} | {len(s)} | {rows} | {auc:.3f} | {std:.3f} |"]
+                  "| images N | dim D | singular values min(N, D) | rows | AUC | std x sqrt(D) |", "|---|---|---|---|---|---|",
+                  f"| {n} | {d_features} | {len(s)} | {rows} | {auc:.3f} | {std:.3f} |"]
         with open(os.path.join(args.output_dir, "collapse_spectrum.csv"), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["k", "singular_value", "cev"])
@@ -451,13 +469,14 @@ def write_outputs(per_image, collapse, d, info, args):
 
 
 def collapse_measures(features, args):
-    """N x F backbone features -> singular values, CEV, AUC, SimSiam std x sqrt(F), N, row treatment."""
-    if len(features) < features.shape[1]:
-        print(f"note: {len(features)} images < {features.shape[1]} dimensions: the spectrum has at most "
-              f"{len(features) - 1} non-zero values, which raises the AUC; use more images", flush=True)
+    """N x F backbone features -> singular values, CEV, AUC, SimSiam std x sqrt(F), N, F, row treatment."""
+    n, f = features.shape
+    if n < f:
+        print(f"note: {n} images < {f} dimensions: the spectrum has {n} values (Li et al.'s min(N, D)), at most "
+              f"{n - 1} of them non-zero, so the AUC compares only at equal N; use more images than dimensions", flush=True)
     s = singular_values(features, args.collapse_l2)
     cev, auc = cumulative_explained_variance(s)
-    return s, cev, auc, simsiam_std(features), len(features), "l2-normalised" if args.collapse_l2 else "raw"
+    return s, cev, auc, simsiam_std(features), n, f, "l2-normalised" if args.collapse_l2 else "raw"
 
 
 def check_args(args, n_images):
@@ -499,10 +518,14 @@ def run(args):
     encoder, args.framework, model_args = build_encoder(args, device)
     args.image_size = args.image_size or model_args.image_size
     dataset = augment.dataset(args.data, "test", None, args.data_root, args.seed, args.skip_bad_images)
-    n_images = min(args.num_images or len(dataset), len(dataset))
-    check_args(args, n_images)
-    n_images -= n_images % args.batch_size
-    batches = image_batches(n_images, args)
+    images = list(range(min(args.num_images or len(dataset), len(dataset))))  # the first N held-out images
+    check_args(args, len(images))
+    skipped = 0
+    if args.skip_bad_images:  # each readable image once: read them all now, measure those that load
+        images, skipped = augment.readable(dataset.base, images, args.workers, "held-out images")
+        check_args(args, len(images))
+    n_images = len(images) - len(images) % args.batch_size
+    batches = image_batches(images[:n_images], args)
     indices = [i for batch in batches for i in batch]
     if args.features == "backbone" and "syncbn" in designs and rank() == 0:
         print("note: --features backbone has no projector BN, so syncbn equals the baseline", flush=True)
@@ -520,9 +543,10 @@ def run(args):
         source = f"{args.framework}_asym.py " + (f"checkpoint {args.checkpoint}" if args.checkpoint else
                                                  f"random-init {model_args.arch} (seed {args.seed})")
         feature = "backbone + projector" if args.features == "projector" else "pool-5 backbone"
-        info = (f"{source}, source {feature} (d={d}), {n_images} {args.data} held-out images at {args.image_size} px, "
+        unreadable = f" ({skipped} unreadable left out)" if args.skip_bad_images else ""
+        info = (f"{source}, source {feature} (d={d}), {n_images} {args.data} held-out images{unreadable} at {args.image_size} px, "
                 f"r={args.views} views, BN batches of {args.batch_size} (syncbn: {args.syncbn_devices} x {args.batch_size})")
-        write_outputs(per_image, collapse, d, info, args)
+        write_outputs(per_image, images[:n_images], collapse, d, info, args)
     if dist.is_initialized():
         dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
         dist.destroy_process_group()

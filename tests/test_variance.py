@@ -1,11 +1,16 @@
-"""variance.py against hand computations: the intra-sample variance (1/d on the sphere, 0 for
+"""variance.py against hand computations: the intra-sample variance ((1 - 1/r)/d on the sphere, 0 for
 identical views, halved by MeanEnc of 2, the (1 - ||mean||^2)/d formula), the collapse AUC
-(flat, rank one, monotone), the BN batches of each design, checkpoints of every script, every
-design end to end with its outputs, MultiCrop > baseline > MeanEnc:2 on a random ResNet,
-1 process == 2 processes, and one error line for bad input."""
+(flat, rank one, monotone, min(N, D) values as Li et al.), the BN batches of each design,
+checkpoints of every script, every design end to end with its outputs, MultiCrop > baseline >
+MeanEnc:2 on a random ResNet, 1 process == 2 processes, --skip-bad-images measuring each readable
+image once, and one error line for bad input (a contradicting --arch, a refused pickle)."""
 import argparse
 import csv
 import importlib.util
+import os
+import shutil
+
+import numpy as np
 
 import pytest
 import torch
@@ -38,6 +43,9 @@ def test_uniform_encodings_on_the_sphere_give_one_over_d():
     # E||mean of r unit vectors||^2 = 1/r, so the population variance is (1 - 1/r)/d, about 1/d
     assert v.mean().item() == pytest.approx((1 - 1 / r) / d, rel=0.01)
     assert v.mean().item() == pytest.approx(1 / d, rel=0.05)
+    assert variance.uniform_reference(r, d) == (1 - 1 / r) / d  # the reference printed for r views
+    v2 = variance.intra_sample_variance(torch.randn(2, n, d)).mean().item()
+    assert v2 == pytest.approx(variance.uniform_reference(2, d), rel=0.02)  # r = 2: half of 1/d
 
 
 def test_identical_views_give_zero():
@@ -92,6 +100,22 @@ def test_flat_spectrum_gives_d_plus_one_over_2d_and_rank_one_gives_one(d):
     assert variance.cumulative_explained_variance(variance.singular_values(rank_one))[1] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_fewer_images_than_dimensions_give_min_n_d_values_as_li_et_al():
+    """N = 6 images of D = 16 dimensions: Li et al.'s torch.svd(R).S has 6 values (the last about 0
+    after centring), and the AUC is the mean of those 6 CEV points, by hand with numpy."""
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((6, 16)) @ np.diag(np.linspace(3, 0.1, 16))
+    s = np.linalg.svd(features - features.mean(0), compute_uv=False)
+    assert len(s) == 6 and s[-1] < 1e-9
+    cev = [sum(s[:k]) / sum(s) for k in range(1, 7)]
+    got = variance.singular_values(torch.from_numpy(features))
+    assert got.tolist() == pytest.approx(s.tolist(), abs=1e-9)
+    args = argparse.Namespace(collapse_l2=False)
+    _, got_cev, auc, _, n, dim, _ = variance.collapse_measures(torch.from_numpy(features), args)
+    assert (n, dim, len(got_cev)) == (6, 16, 6) and got_cev.tolist() == pytest.approx(cev)
+    assert auc == pytest.approx(sum(cev) / 6)
+
+
 def test_auc_rises_with_the_decay_of_the_spectrum():
     k = torch.arange(1, 129, dtype=torch.float64)
     aucs = [variance.cumulative_explained_variance(k ** -alpha)[1] for alpha in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)]
@@ -123,7 +147,7 @@ def test_each_design_by_hand(design):
     dataset = augment.dataset("synthetic", "test", None)
     progress = variance.Progress(1, args)
     progress.begin(design, 16)
-    got, d = variance.measure(encoder, design, dataset, variance.image_batches(16, args), torch.device("cpu"), progress, args)
+    got, d = variance.measure(encoder, design, dataset, variance.image_batches(range(16), args), torch.device("cpu"), progress, args)
     assert d == 128 and got.shape == (16,)
 
     kind, n = variance.parse_design(design)
@@ -149,7 +173,7 @@ def test_each_design_by_hand(design):
     assert torch.allclose(got, torch.cat(expected), rtol=1e-4, atol=1e-8)
     if kind == "syncbn":  # not vacuous: a batch of 8 differs from two of 4
         progress.begin("baseline", 16)
-        base, _ = variance.measure(encoder, "baseline", dataset, variance.image_batches(16, args),
+        base, _ = variance.measure(encoder, "baseline", dataset, variance.image_batches(range(16), args),
                                    torch.device("cpu"), progress, args)
         assert not torch.allclose(got, base, rtol=1e-3)
 
@@ -197,10 +221,11 @@ def test_every_design_end_to_end_writes_table_csv_and_plots(tmp_path, capsys):
     for design in v:  # the table's v is the mean of the per-image variances
         assert sum(float(row[design]) for row in per_image) / 32 == pytest.approx(v[design], rel=1e-4)
     table = (tmp_path / "variance.md").read_text()
-    assert "| MultiCrop |" in table and "| MeanEnc(n=2) |" in table and "| 32 | 512 | raw |" in table
+    assert "uniform on the sphere give (1 - 1/r)/d = 39.1e-4 for r=2, d=128." in table.splitlines()[0]
+    assert "| MultiCrop |" in table and "| MeanEnc(n=2) |" in table and "| 32 | 512 | 32 | raw |" in table
     assert table.splitlines()[0] in printed and "images/s, ETA" in printed
     spectrum = read_csv(tmp_path / "collapse_spectrum.csv")
-    assert len(spectrum) == 512 and float(spectrum[-1]["cev"]) == pytest.approx(1.0)
+    assert len(spectrum) == 32 and float(spectrum[-1]["cev"]) == pytest.approx(1.0)
     if importlib.util.find_spec("matplotlib") is None:
         assert "plots skipped: matplotlib is not installed" in printed
         pytest.skip("matplotlib is not installed: the PNG plots are not drawn (table and CSV checked)")
@@ -229,6 +254,22 @@ def test_two_processes_give_the_one_process_numbers(tmp_path):
             assert float(a[design]) == pytest.approx(float(b[design]), rel=1e-4)
 
 
+def test_skip_bad_images_measures_each_readable_image_once(folder, tmp_path, capsys):
+    """An unreadable test image: left out (not replaced by the next image, which would then count
+    twice), and said in the table; the first 16 images hold 15 readable ones, 12 measured (B = 4)."""
+    data = shutil.copytree(folder, tmp_path / "data")
+    samples = [path for path, _ in augment.ImageFiles(str(data / "test")).samples]
+    bad = samples.index(str(data / "test" / "3" / "3.png"))
+    (data / "test" / "3" / "3.png").write_bytes(b"not a png")
+    argv = TINY + ["--data", str(data), "--num-images", "16", "--views", "2", "--batch-size", "4",
+                   "--designs", "baseline", "--skip-bad-images", "--output-dir", str(tmp_path / "out")]
+    variance.main(argv)
+    images = [int(row["image"]) for row in read_csv(tmp_path / "out" / "variance_per_image.csv")]
+    assert images == [i for i in range(16) if i != bad][:12]
+    assert "12 " + str(data) + " held-out images (1 unreadable left out)" in (tmp_path / "out" / "variance.md").read_text()
+    assert "1 of 16 held-out images cannot be read and are left out" in capsys.readouterr().err
+
+
 def error_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         variance.main(argv)
@@ -247,7 +288,26 @@ def test_bad_input_is_one_error_line_before_work(tmp_path, capsys):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "backbone.pth")
     assert "not a checkpoint.pth" in error_line(TINY + ["--checkpoint", str(tmp_path / "backbone.pth")] + out, capsys)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    assert "cannot read it" in error_line(TINY + ["--checkpoint", str(tmp_path / "junk.pth")] + out, capsys)
+    assert "cannot read" in error_line(TINY + ["--checkpoint", str(tmp_path / "junk.pth")] + out, capsys)
     assert "fewer than one --batch-size" in error_line(TINY + ["--num-images", "8", "--batch-size", "16"] + out, capsys)
     assert "not an architecture" in error_line(TINY + ["--arch", "resnet7"] + out, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_arch_that_contradicts_the_checkpoint_and_a_refused_pickle_are_errors(tmp_path, capsys):
+    module = importlib.import_module("mocov2_asym")
+    train_args = module.parse_args(["--arch", "resnet18", "--image-size", "32"])
+    torch.save({"args": vars(train_args), "source": module.Encoder(train_args).state_dict()}, tmp_path / "checkpoint.pth")
+    out = ["--output-dir", str(tmp_path / "out")]
+    checkpoint = ["--checkpoint", str(tmp_path), "--workers", "0", "--num-images", "8", "--batch-size", "4"]
+    assert f"--arch resnet50, but --checkpoint {tmp_path} holds a resnet18" in error_line(checkpoint + ["--arch", "resnet50"] + out, capsys)
+    assert "--cifar-stem, but --checkpoint" in error_line(checkpoint + ["--cifar-stem"] + out, capsys)
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    torch.save({"args": {}, "source": {}, "hook": Evil()}, tmp_path / "evil.pth")
+    line = error_line(TINY + ["--checkpoint", str(tmp_path / "evil.pth")] + out, capsys)
+    assert "it holds objects other than tensors and plain containers (the first: posix.system)" in line and "\x1b" not in line
     assert not (tmp_path / "out").exists()
