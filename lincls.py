@@ -68,7 +68,8 @@ def parse_args(argv=None):
     g.add_argument("--pretrained", required=True,
                    help="checkpoint.pth or backbone.pth of our scripts, an official MoCo / MoCo v3 / SimSiam checkpoint, "
                         "or 'random' (a randomly initialised backbone: the reference to beat)")
-    g.add_argument("--arch", help="backbone: taken from our checkpoint.pth; otherwise needed, default resnet50. "
+    g.add_argument("--arch", help="backbone: taken from our checkpoint.pth or an official checkpoint's arch (a "
+                   "different --arch is an error); otherwise needed, default resnet50. "
                    "Any torchvision ResNet or " + ", ".join(VITS) + " (CIFAR stem and ViT patch size are read from the weights)")
     g.add_argument("--head-bn", action="store_true", help="parameter-free BN (no affine, per process) before the linear head: "
                    "standardises the features and removes most of the lr sensitivity")

@@ -75,16 +75,18 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--pretrained", required=True,
                    help="checkpoint.pth or backbone.pth of our scripts, an official MoCo / MoCo v3 / SimSiam checkpoint, or 'random'")
-    g.add_argument("--arch", help="backbone: taken from our checkpoint.pth; otherwise needed, default resnet50")
+    g.add_argument("--arch", help="backbone: taken from our checkpoint.pth or an official checkpoint's arch (a "
+                   "different --arch is an error); otherwise needed, default resnet50")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision of the backbone forward; auto: bf16 (or fp16) on CUDA, off on CPU")
     g = p.add_argument_group("probe")
     g.add_argument("--lambdas", type=int, default=45,
                    help="how many log-spaced L2 strengths wd in [1e-6, 1e5] to search. wd is on the summed loss, as "
                         "scikit-learn's C = 1/wd in the reference code: sum CE + wd/2 ||W||^2, i.e. mean CE + lambda/2 "
-                        "||W||^2 with lambda = wd / n for n training images (n = 1000: lambda in [1e-9, 100]; n = 50000: "
-                        "[2e-11, 2]). With few images the strongest values shrink W to almost 0: for n = 400 CIFAR-10 "
-                        "images of a random ResNet-18, wd >= 1e3 predict one class (README)")
+                        "||W||^2 with lambda = wd / n for n training images (n = 400: lambda in [2.5e-9, 250]; n = 4000: "
+                        "[2.5e-10, 25]; n = 50000: [2e-11, 2]). Large lambda shrinks W to almost 0, a constant classifier "
+                        "in effect, and the fewer the images the more of the grid's top does so: on 400 CIFAR-10 images "
+                        "of a random ResNet-18, wd >= 3.2e3 (lambda >= 7.9) predicted 2-3 of the 10 classes (README)")
     g.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     g.add_argument("--val-fraction", type=float, default=0.2, help="validation share of train where no official split exists")
     g.add_argument("--seed", type=int, default=0, help="seeds the validation split and Caltech-101's 30 training images per class")
