@@ -272,9 +272,10 @@ def load_backbone(pretrained, arch, seed=0):
         state, declared = read_backbone_weights(pretrained)
     if arch and declared and arch != declared:
         raise augment.InputError(f"--arch {arch}, but {pretrained} holds a {declared}: pass --arch {declared} or leave it out")
+    source = "--arch" if arch else f"{pretrained} declares arch" if declared else "--arch"
     arch = arch or declared or "resnet50"
     if arch not in RESNETS + VITS:
-        raise augment.InputError(f"--arch {arch} is not a torchvision ResNet or one of {', '.join(VITS)}")
+        raise augment.InputError(f"{source} {arch}, which is not a torchvision ResNet or one of {', '.join(VITS)}")
     torch.manual_seed(seed)
     backbone, dim = build_backbone(arch, state, declared)
     backbone.requires_grad_(False)
