@@ -504,20 +504,22 @@ def wd_grid(n):
 def probe(train, val, test, num_classes, metric, grid, max_iter=1000):
     """The protocol on features: search wd on (train, val), retrain on train+val, score test. Each of
     train / val / test is (NxD features, targets); the fits run in float64. -> dict of the results,
-    with the largest partial derivative left at the end of the retrain (converged: <= TOLERANCE)."""
+    with the largest partial derivative left at the end of the retrain (converged: <= TOLERANCE) and
+    how many search fits stopped at max_iter short of the TOLERANCE."""
     score = METRICS[metric]
     train, val, test = ((x.double(), y) for x, y in (train, val, test))
-    val_scores, init = {}, None
+    val_scores, init, unconverged = {}, None, 0
     for wd in sorted(grid, reverse=True):  # strongest first: each fit warm-starts the next, weaker one
         init = fit_logistic(train[0], train[1], num_classes, wd / len(train[0]), max_iter, init)
         val_scores[wd] = score(val[0] @ init[0] + init[1], val[1])
+        unconverged += max_gradient(*train, *init, wd / len(train[0])) > TOLERANCE
     best = max(sorted(grid, reverse=True), key=lambda wd: val_scores[wd])  # ties: the stronger wd
     both = (torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]]))
     lam = best / len(both[0])
     weight, bias = fit_logistic(both[0], both[1], num_classes, lam, max_iter)
     return {"best_wd": best, "lambda": lam, "val_score": val_scores[best], "test_score": score(test[0] @ weight + bias, test[1]),
             "val_scores": [val_scores[wd] for wd in grid], "max_gradient": max_gradient(*both, weight, bias, lam),
-            "weight": weight, "bias": bias}
+            "unconverged_search_fits": unconverged, "weight": weight, "bias": bias}
 
 
 # =============================================================================================
@@ -574,7 +576,7 @@ def run(args):
                          f"{result['max_gradient']:.1e} > {TOLERANCE:g}, short of the optimum; raise --max-iter")
         results[name] = {"dataset": name, "metric": metric, "test_score": result["test_score"],
                          "best_wd": result["best_wd"], "lambda": result["lambda"], "val_score": result["val_score"],
-                         "max_gradient": result["max_gradient"],
+                         "max_gradient": result["max_gradient"], "unconverged_search_fits": result["unconverged_search_fits"],
                          "train": len(train[0]), "val": len(val[0]), "test": len(test[0]), "classes": num_classes,
                          "skipped": sum(skipped.values()), "pretrained": args.pretrained, "arch": args.arch,
                          "seconds": round(time.time() - tick, 1)}

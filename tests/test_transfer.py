@@ -138,6 +138,9 @@ def test_probe_fits_in_float64_to_the_gradient_tolerance():
     assert transfer.max_gradient(*both, w32.double(), b32.double(), lam) > 3 * transfer.TOLERANCE
     objective = lambda w, b: transfer.probe_loss(*both, w, b, lam).item()
     assert objective(weight, bias) < objective(w32.double(), b32.double())
+    assert result["unconverged_search_fits"] == 0  # fits cut short are counted, not hidden:
+    short = transfer.probe((x, y), (x[:50], y[:50]), (x[:50], y[:50]), 5, "top1", [1e-3, 1e-2, 1e-1], max_iter=2)
+    assert short["unconverged_search_fits"] == 3 and short["max_gradient"] > transfer.TOLERANCE
 
 
 def test_metrics_by_hand():
