@@ -432,24 +432,32 @@ def probe_loss(x, y, weight, bias, lam):
 def fit_logistic(x, y, num_classes, lam, max_iter=1000, init=None):
     """L-BFGS on the convex probe loss -> (weight DxC, bias C). init: a warm start (weight, bias).
     In float32 it stalls short of the optimum (its rounding floors the gradient near 1e-4): give it
-    float64 features. It stops at the TOLERANCE on the gradient, after max_iter iterations, or when
-    the line search can make no step; never on a small change of the loss, which comes early when
-    lam is small."""
-    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device) if init is None else init[0].clone()
+    float64 features. It stops when no partial derivative (of the weights or the bias) exceeds the
+    TOLERANCE, after max_iter iterations, or when the line search can make no step; never on a
+    small change of the loss, which comes early when lam is small."""
+    # +-------------------------------------------------------------------------------------------+
+    # | The same fit in better units: pool-5 features have row norms of tens, so the weights'      |
+    # | curvature dwarfs the bias' and L-BFGS crawls. On x / s (s: the root-mean-square row norm)  |
+    # | with weights V = s W and strength lam / s^2 the loss is the same function, with curvatures |
+    # | of one size; dL/dW = dL/dV / s, so V's tolerance is TOLERANCE / s (the bias' is unchanged). |
+    # +-------------------------------------------------------------------------------------------+
+    s = x.pow(2).sum(1).mean().sqrt().clamp(min=1.0).item()
+    x = x / s
+    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device) if init is None else init[0] * s
     bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=TOLERANCE, tolerance_change=0.0, line_search_fn="strong_wolfe")
+                                  tolerance_grad=TOLERANCE / s, tolerance_change=0.0, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = probe_loss(x, y, weight, bias, lam)
+        loss = probe_loss(x, y, weight, bias, lam / s ** 2)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    return weight.detach() / s, bias.detach()
 
 
 def max_gradient(x, y, weight, bias, lam):
