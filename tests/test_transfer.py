@@ -93,10 +93,12 @@ def test_real_search_and_retrain():
 
 
 def test_fit_reaches_the_optimum_of_a_problem_solved_by_hand():
-    """Two classes on one feature: x = +1 is class 0 with share p = 0.8, x = -1 mirrors it. By symmetry
-    W = (a, -a) and equal biases, and the mean loss p log(1 + e^-2a) + (1 - p) log(1 + e^2a) + lam a^2
-    is least where p sigma(-2a) - (1 - p) sigma(2a) = lam a: bisection in Python floats."""
-    x = torch.tensor([1.0] * 50 + [-1.0] * 50)[:, None]  # float32 features, as extracted
+    """Two classes on one feature: x = +c is class 0 with share p = 0.8, x = -c mirrors it (c = 5: the
+    fit's rescaling by the row norm is at work). By symmetry W = (a, -a) and equal biases, and the
+    mean loss p log(1 + e^-2ac) + (1 - p) log(1 + e^2ac) + lam a^2 is least where
+    p sigma(-2ac) - (1 - p) sigma(2ac) = lam a / c: bisection in Python floats."""
+    c = 5.0
+    x = torch.tensor([c] * 50 + [-c] * 50)[:, None]  # float32 features, as extracted
     y = torch.tensor([0] * 40 + [1] * 10 + [1] * 40 + [0] * 10)
     p, wd = 0.8, 10.0
     result = transfer.probe((x, y), (x, y), (x, y), 2, "top1", [wd])  # train == val: the retrain has n = 200
@@ -105,9 +107,9 @@ def test_fit_reaches_the_optimum_of_a_problem_solved_by_hand():
     low, high = 0.0, 10.0
     for _ in range(100):
         a = (low + high) / 2
-        low, high = (a, high) if p * sigma(-2 * a) - (1 - p) * sigma(2 * a) > lam * a else (low, a)
+        low, high = (a, high) if p * sigma(-2 * a * c) - (1 - p) * sigma(2 * a * c) > lam * a / c else (low, a)
     weight, bias = result["weight"], result["bias"]
-    assert weight[0, 0].item() == pytest.approx(a, abs=1e-6) and weight[0, 1].item() == pytest.approx(-a, abs=1e-6)
+    assert weight[0, 0].item() == pytest.approx(a, abs=1e-7) and weight[0, 1].item() == pytest.approx(-a, abs=1e-7)
     assert bias[0].item() == pytest.approx(bias[1].item(), abs=1e-6)
     assert result["lambda"] == pytest.approx(lam) and result["max_gradient"] <= transfer.TOLERANCE
 
