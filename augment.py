@@ -15,6 +15,8 @@ Recipes are torchvision.transforms.v2 pipelines on uint8 tensors (one decode per
 device instead: the training loop calls finish_views(batch), the identity otherwise.
 """
 import functools
+import hashlib
+import json
 import math
 import os
 import re
@@ -672,17 +674,26 @@ class SeededDataset(torch.utils.data.Dataset):
 
 
 class LoadCheck(torch.utils.data.Dataset):
-    """Item i: (indices[i], None) when base[indices[i]] loads, else (indices[i], the reason)."""
+    """Item i: (indices[i], None) when base[indices[i]] loads, else (indices[i], the reason).
+    header_only (ImageFiles): only PIL's parse of the file's header and verify(), no decode."""
 
-    def __init__(self, base, indices):
-        self.base, self.indices = base, indices
+    def __init__(self, base, indices, header_only=False):
+        self.base, self.indices, self.header_only = base, indices, header_only
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
         try:
-            self.base[self.indices[i]]
+            if self.header_only:
+                path = self.base.samples[self.indices[i]][0]
+                try:
+                    with Image.open(path) as image:
+                        image.verify()
+                except Exception as e:
+                    raise InputError(f"cannot read image {path}: {e}") from None
+            else:
+                self.base[self.indices[i]]
             return self.indices[i], None
         except Exception as e:  # InputError from load_rgb; PIL's own errors from torchvision data sets
             return self.indices[i], " ".join(str(e).split()) or type(e).__name__
@@ -709,6 +720,64 @@ def readable(base, indices=None, workers=0, what="images"):
     if not kept:
         raise InputError(f"--skip-bad-images: none of the {len(indices)} {what} can be read (the first: {bad[0]})")
     return kept, len(bad)
+
+
+def cache_dir():
+    """Where answers that depend only on files on disk are kept: $XDG_CACHE_HOME (~/.cache)/asym-siam."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "asym-siam")
+
+
+def unreadable(base, indices, header_only, workers):
+    """[(index, reason)] of the images of `indices` that cannot be read (LoadCheck, by `workers`
+    processes), cached: the answer is kept under a key of the files' paths, sizes and modification
+    times, so an unchanged data set is not read again."""
+    files = [base.samples[i][0] for i in indices]
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else (f,) for f in files]
+    key = hashlib.sha1(repr(("header" if header_only else "decode", stats)).encode()).hexdigest()
+    path = os.path.join(cache_dir(), f"unreadable-{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return [tuple(row) for row in json.load(f)]
+    loader = torch.utils.data.DataLoader(LoadCheck(base, indices, header_only), batch_size=64, num_workers=workers,
+                                         collate_fn=list)
+    bad = [(index, reason) for batch in loader for index, reason in batch if reason is not None]
+    try:  # a cache that cannot be written costs a second check next time, nothing else
+        os.makedirs(cache_dir(), exist_ok=True)
+        with open(path + f".{os.getpid()}", "w") as f:
+            json.dump(bad, f)
+        os.replace(path + f".{os.getpid()}", path)
+    except OSError:
+        pass
+    return bad
+
+
+def check_images(dataset, skip_bad=False, workers=0, group=None, what="images"):
+    """Before any work, every image file of `dataset` (a SeededDataset of ImageFiles; others have no
+    files) is looked at, so that an unreadable one stops the run now with its name, not hours in:
+    a header check (PIL parses the file and verify()s it without decoding). skip_bad
+    (--skip-bad-images): every image is decoded instead, and the unreadable ones are left out of
+    `dataset`, with one warning line. Each process checks every world-th file; the answers are
+    gathered over `group` (all processes take the same decision) and cached per data set."""
+    base = dataset.base
+    if not hasattr(base, "samples"):
+        return
+    distributed = torch.distributed.is_initialized()
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+    bad = unreadable(base, list(range(rank, len(base), world)), not skip_bad, workers)
+    if world > 1:
+        every = [None] * world
+        torch.distributed.all_gather_object(every, bad, group=group)
+        bad = sorted(row for rows in every for row in rows)
+    if not bad:
+        return
+    if not skip_bad:
+        raise InputError(f"{len(bad)} of the {len(base)} {what} cannot be read (the first: {bad[0][1]}); "
+                         f"--skip-bad-images leaves them out")
+    left_out = {index for index, _ in bad}
+    if len(left_out) == len(base):
+        raise InputError(f"--skip-bad-images: none of the {len(base)} {what} can be read (the first: {bad[0][1]})")
+    warn(f"--skip-bad-images: {len(bad)} of the {len(base)} {what} cannot be read and are left out (the first: {bad[0][1]})")
+    dataset.base = torch.utils.data.Subset(base, [i for i in range(len(base)) if i not in left_out])
 
 
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "plus", "ring",

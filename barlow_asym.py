@@ -54,7 +54,10 @@ def parse_args(argv=None):
     g.add_argument("--data", default="synthetic",
                    help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root with train/ and val/ or test/")
     g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
-    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable images out (every image decoded once before training, cached) instead of stopping with an error that names them")
+    g.add_argument("--no-image-check", action="store_true",
+                   help="skip the header check of every image before training (cached per data set); an unreadable image then stops the run when it is reached")
     g.add_argument("--image-size", type=int, default=224, help="standard crop size (32 for CIFAR; MultiCrop crops scale with it)")
     g.add_argument("--workers", type=int, default=-1,
                    help="data loading processes per process (-1: this node's CPUs over its processes, at most 16)")
@@ -152,12 +155,12 @@ def make_views(args):
 
 def make_datasets(args):
     """Training views, and the kNN monitor's bank (labelled train) and held-out split."""
-    train_set = augment.dataset(args.data, "train", make_views(args), args.data_root, args.seed, args.skip_bad_images)
+    train_set = augment.dataset(args.data, "train", make_views(args), args.data_root, args.seed)
     if args.data_on_device:  # decoded into the device's memory here, so that bad settings stop before any work
         train_set = augment.OnDevice(train_set, args.workers)
     eval_t = augment.eval_transform(args.image_size)
-    bank_set = augment.dataset(args.data, "train_labeled", eval_t, args.data_root, skip_bad=args.skip_bad_images)
-    test_set = augment.dataset(args.data, "test", eval_t, args.data_root, skip_bad=args.skip_bad_images)
+    bank_set = augment.dataset(args.data, "train_labeled", eval_t, args.data_root)
+    test_set = augment.dataset(args.data, "test", eval_t, args.data_root)
     return train_set, bank_set, test_set
 
 
@@ -540,7 +543,7 @@ def non_finite(tree, prefix=""):
 # Flags that may differ when a run resumes: where it writes, how it is watched, how fast it runs.
 # Every other flag changes the run, so a difference stops the resume (unless --resume-anyway).
 RESUMABLE_FLAGS = ("output_dir", "resume", "resume_anyway", "workers", "print_freq", "knn_every", "knn_k", "knn_t",
-                   "max_steps", "save_every", "dist_timeout", "compile", "data_root", "epochs")
+                   "max_steps", "save_every", "dist_timeout", "compile", "data_root", "no_image_check", "epochs")
 
 
 def changed_flags(saved, args):
@@ -555,10 +558,9 @@ def read_checkpoint(path, args, steps_per_epoch):
     """The checkpoint at `path`, checked before anything is loaded from it: weights only, every tensor
     finite, the same run (flags, steps per epoch). Problems raise InputError."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        detail = " ".join(str(e).split())[:300]  # one line, e.g. the first unsupported global
-        raise augment.InputError(f"cannot resume from {path}: {type(e).__name__}: {detail}") from None
+        ckpt = augment.load_weights(path)  # one clean line for a file that is not a checkpoint or holds objects
+    except augment.InputError as e:
+        raise augment.InputError(f"cannot resume: {e}") from None
     bad = non_finite(ckpt)
     if bad:
         raise augment.InputError(f"cannot resume from {path}: non-finite values in {len(bad)} tensors ({', '.join(bad[:3])})")
@@ -908,10 +910,17 @@ def train(args):
     try:
         train_set, bank_set, test_set = make_datasets(args)
         check_args(args, train_set)
+        lock = lock_output_dir(args)
+    except augment.InputError as e:
+        failure = e
+    agree(False, failure, control)
+    try:
+        if args.skip_bad_images or not args.no_image_check:  # an unreadable image stops the run now, not hours in
+            for what, images in (("training images", train_set), ("kNN bank images", bank_set), ("kNN test images", test_set)):
+                augment.check_images(images, args.skip_bad_images, args.workers, control, what)
         steps_per_epoch = len(train_set) // args.batch_size
         resume = resume_path(args)
         ckpt = read_checkpoint(resume, args, steps_per_epoch) if resume else None
-        lock = lock_output_dir(args)
     except augment.InputError as e:
         failure = e
     agree(False, failure, control)

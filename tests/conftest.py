@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import augment  # noqa: E402  (after the path)
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="asym-siam-test-cache-")  # the image checks' cache, per session
 CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
 # small and fast: ImageNet stem at 32 px, no kNN unless a test asks (COMMON: every script's flags)
 COMMON = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",

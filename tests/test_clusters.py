@@ -183,8 +183,8 @@ def test_an_error_on_one_process_is_printed_once_with_its_rank_and_stops_both(tm
     root = tmp_path / "data"
     small_image_folder(root, n_train=32, n_test=8)
     (root / "train" / "3" / "broken.png").write_bytes(b"\x89PNG broken")  # in one process's share
-    proc = run_script(SCRIPT, FAST + ["--data", str(root), "--max-steps", "3", "--output-dir", str(tmp_path / "run")],
-                      nproc=2, check=False)
+    proc = run_script(SCRIPT, FAST + ["--data", str(root), "--max-steps", "3", "--output-dir", str(tmp_path / "run"),
+                                      "--no-image-check"], nproc=2, check=False)  # found when its batch is made
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert proc.returncode != 0 and len(ours) == 1, proc.stderr
     assert ours[0].startswith(("error (rank 0): cannot read image", "error (rank 1): cannot read image")) and "broken.png" in ours[0]
@@ -209,6 +209,48 @@ def test_a_hung_process_stops_the_others_after_dist_timeout(folder, tmp_path):
     finally:
         procs[1].kill()
         procs[1].wait()
+
+
+# ---- 7. every image looked at before any work ---------------------------------------------------------
+@pytest.fixture
+def broken_folder(tmp_path):
+    from conftest import small_image_folder
+    root = tmp_path / "data"
+    small_image_folder(root, n_train=32, n_test=10)
+    (root / "train" / "3" / "broken.png").write_bytes(b"\x89PNG broken")  # 33 training images
+    return root
+
+
+def test_an_unreadable_image_stops_the_run_before_any_work(broken_folder, tmp_path, capsys):
+    line = in_process_error_line(SCRIPT, FAST + ["--data", str(broken_folder), "--batch-size", "11", "--queue-size", "66",
+                                                 "--output-dir", str(tmp_path / "run")], capsys)
+    assert "1 of the 33 training images cannot be read (the first: cannot read image " in line and "broken.png" in line
+    assert not os.path.exists(tmp_path / "run" / "log.jsonl")
+
+
+def test_skip_bad_images_leaves_them_out_instead_of_standing_in_another(broken_folder, tmp_path, monkeypatch):
+    """33 files, one unreadable, batch 11: 2 steps an epoch over the 32 readable images (not 3 over
+    33 places); the broken file is never loaded during training."""
+    loaded = []
+    real = augment.load_rgb
+    monkeypatch.setattr(augment, "load_rgb", lambda path: loaded.append(str(path)) or real(path))
+    moco.main(FAST + ["--data", str(broken_folder), "--batch-size", "11", "--queue-size", "66", "--max-steps", "1",
+                      "--skip-bad-images", "--output-dir", str(tmp_path / "run")])
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["steps_per_epoch"] == 2
+    assert sum("broken.png" in path for path in loaded) == 1  # the check's decode, before training
+    dataset = augment.dataset(str(broken_folder), "train", None)
+    counted = []
+    monkeypatch.setattr(augment.LoadCheck, "__getitem__", lambda self, i: counted.append(i) or (self.indices[i], None))
+    augment.check_images(dataset, skip_bad=True)  # the same files: the cached answer, nothing read again
+    assert counted == [] and len(dataset) == 32
+
+
+def test_nothing_readable_is_a_clear_error(tmp_path):
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "a")
+        (tmp_path / split / "a" / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(augment.InputError, match="--skip-bad-images: none of the 1 images can be read"):
+        augment.check_images(augment.dataset(str(tmp_path), "train", None), skip_bad=True)
 
 
 # ---- 8. the output directory ----------------------------------------------------------------------

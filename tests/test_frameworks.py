@@ -135,7 +135,8 @@ def test_bad_input_is_one_error_line_before_work(script, other_checkpoint, tmp_p
     if script != "mocov2_asym.py":
         assert "cannot resume from" in error_line(script, small(script) + ["--resume", str(other_checkpoint)] + out, capsys)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    assert "cannot resume from" in error_line(script, small(script) + ["--resume", str(tmp_path / "junk.pth")] + out, capsys)
+    assert f"cannot resume: cannot read {tmp_path / 'junk.pth'}: UnpicklingError" in error_line(
+        script, small(script) + ["--resume", str(tmp_path / "junk.pth")] + out, capsys)
     assert not (tmp_path / "checkpoint.pth").exists()
 
 
