@@ -24,7 +24,6 @@ Examples:
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
@@ -35,9 +34,11 @@ from torchvision.transforms import v2
 
 import augment
 import mocov3_asym
-# the same pieces as the pretraining scripts (ResNet, ViT, LARS, collectives): MoCo v3's has them all
-from mocov3_asym import (LARS, RESNETS, autocast, concat_all_gather, log, rank, resnet_backbone, save_atomic,
-                         world_size)
+# the same pieces as the pretraining scripts (ResNet, ViT, LARS, collectives, a run that survives clusters):
+# MoCo v3's has them all
+from mocov3_asym import (LARS, RESNETS, StopSignals, Stopped, agree, autocast, changed_flags,
+                         concat_all_gather, control_group, guarded, ignore_stop_signals, init_distributed, lock_output_dir,
+                         log, non_finite, on_disk, rank, resnet_backbone, resume_path, save_atomic, world_size)
 
 # =============================================================================================
 # Arguments
@@ -59,9 +60,10 @@ def parse_args(argv=None):
                    help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root with train/ and val/ or test/")
     g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
     g.add_argument("--skip-bad-images", action="store_true",
-                   help="leave unreadable images out with a warning instead of stopping: held-out images are checked "
-                        "first and each readable one counts once (the final line gives val_skipped); a training "
-                        "image's place goes to the next readable one")
+                   help="leave unreadable images out with a warning instead of stopping: every image is decoded once "
+                        "before training (cached), and each readable held-out one counts once (the final line gives val_skipped)")
+    g.add_argument("--no-image-check", action="store_true",
+                   help="skip the header check of every image before training (cached per data set)")
     g.add_argument("--image-size", type=int, default=224, help="crop size (32 for CIFAR); val resizes to size x 256/224 first")
     g.add_argument("--workers", type=int, default=8, help="data loading processes per process")
     g = p.add_argument_group("model")
@@ -91,7 +93,14 @@ def parse_args(argv=None):
                    help="train on center crops (the eval transform) instead of RandomResizedCrop + flip; what --cached-features sees")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/lincls", help="checkpoint.pth and log.jsonl")
-    g.add_argument("--resume", default="auto", help="auto (output-dir/checkpoint.pth if present) | none | a checkpoint path")
+    g.add_argument("--resume", default="auto",
+                   help="auto (output-dir/checkpoint.pth if present) | none (start afresh) | a checkpoint to start from "
+                        "(output-dir/checkpoint.pth, once there, wins: a requeued command continues its own run)")
+    g.add_argument("--resume-anyway", action="store_true",
+                   help="resume even though the command changes flags of the checkpoint's run (listed otherwise as an error)")
+    g.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps (0: at epoch ends only)")
+    g.add_argument("--dist-timeout", type=float, default=10,
+                   help="minutes a process waits for the others (a hung or dead process) before the run stops with an error")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (0: run all epochs); the schedule is unchanged")
     g.add_argument("--print-freq", type=int, default=50, help="log every N steps")
@@ -122,22 +131,12 @@ def train_transform(size):
 
 def make_datasets(args):
     """Labelled training images (augmented or center crops) and the held-out split (center crops),
-    every split numbered by the training split's classes (augment.folder_split). --skip-bad-images:
-    an unreadable training image gives its place to the next readable one (batches keep their size)."""
+    every split numbered by the training split's classes (augment.folder_split)."""
     eval_t = augment.eval_transform(args.image_size)
     train_t = eval_t if args.no_aug else train_transform(args.image_size)
-    train_set = augment.dataset(args.data, "train_labeled", train_t, args.data_root, args.seed, args.skip_bad_images)
-    val_set = augment.dataset(args.data, "test", eval_t, args.data_root, skip_bad=args.skip_bad_images)
+    train_set = augment.dataset(args.data, "train_labeled", train_t, args.data_root, args.seed)
+    val_set = augment.dataset(args.data, "test", eval_t, args.data_root)
     return train_set, val_set
-
-
-def readable_val(val_set, args):
-    """--skip-bad-images: the held-out images that can be read (each is read once, now), so that the
-    accuracy counts every readable image once -> (val set, how many were left out)."""
-    if not args.skip_bad_images:
-        return val_set, 0
-    kept, skipped = augment.readable(val_set.base, workers=args.workers, what="held-out images")
-    return torch.utils.data.Subset(val_set, kept), skipped
 
 
 def train_loader(train_set, epoch, skip_batches, args):
@@ -150,7 +149,8 @@ def train_loader(train_set, epoch, skip_batches, args):
     workers = 0 if args.cached_features else args.workers  # cached: rows of a tensor, nothing to load
     return torch.utils.data.DataLoader(
         train_set, batch_size=local_batch, sampler=list(sampler)[skip_batches * local_batch:],
-        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=True)
+        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(args.seed))
 
 
 def eval_loader(dataset, args):
@@ -158,7 +158,8 @@ def eval_loader(dataset, args):
     (no gradient: big batches cost little memory and run much faster on CPU)."""
     shard = torch.utils.data.Subset(dataset, range(rank(), len(dataset), world_size()))
     return torch.utils.data.DataLoader(shard, batch_size=max(args.batch_size // world_size(), 256),
-                                       num_workers=args.workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(0))
 
 
 # =============================================================================================
@@ -369,27 +370,53 @@ def accuracy(backbone, head, val_loader, device, args):
 # =============================================================================================
 # Loop and checkpoint
 # =============================================================================================
-def load_checkpoint(path, head, optimizer, steps_per_epoch):
-    """Restore the head and optimizer from `path`; -> (step, best top-1). Bad files raise InputError."""
-    ckpt = augment.load_weights(path)
+def read_checkpoint(path, args, steps_per_epoch):
+    """The probe's checkpoint at `path`, checked before anything is loaded from it: weights only, every
+    tensor finite, the same probe (flags, steps per epoch). Problems raise InputError."""
+    try:
+        ckpt = augment.load_weights(path)
+    except augment.InputError as e:
+        raise augment.InputError(f"cannot resume: {e}") from None
+    bad = non_finite(ckpt)
+    if bad:
+        raise augment.InputError(f"cannot resume from {path}: non-finite values in {len(bad)} tensors ({', '.join(bad[:3])})")
+    if ckpt["steps_per_epoch"] != steps_per_epoch:
+        raise augment.InputError(f"cannot resume from {path}: it has {ckpt['steps_per_epoch']} steps per epoch, "
+                                 f"this run {steps_per_epoch} (other --batch-size or --data?)")
+    changed = changed_flags(ckpt["args"], args)
+    if changed and not args.resume_anyway:
+        raise augment.InputError(f"cannot resume from {path}: this command changes its run ({', '.join(changed)}); "
+                                 f"pass --resume-anyway if that is intended")
+    return ckpt
+
+
+def restore(ckpt, path, head, optimizer):
+    """Load the head and optimizer -> (step, best top-1)."""
     try:
         head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except Exception as e:
         detail = " ".join(str(e).split())[:300]
         raise augment.InputError(f"cannot resume from {path}: {type(e).__name__}: {detail}") from None
-    if ckpt["steps_per_epoch"] != steps_per_epoch:
-        raise augment.InputError(f"cannot resume from {path}: it has {ckpt['steps_per_epoch']} steps per epoch, "
-                                 f"this run {steps_per_epoch} (other --batch-size or --data?)")
     return ckpt["step"], ckpt["best_top1"]
 
 
-def save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1):
-    """output-dir/checkpoint.pth: the head (a plain Linear / BN+Linear state dict), to resume or to reuse."""
+def save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1, control):
+    """output-dir/checkpoint.pth: the head (a plain Linear / BN+Linear state dict), to resume or to reuse,
+    written by rank 0 once every process has found it finite; -> the step saved."""
+    ckpt = {"step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "args": vars(args),
+            "head": head.state_dict(), "optimizer": optimizer.state_dict(), "best_top1": best_top1}
+    bad = non_finite(ckpt)
+    failure = FloatingPointError(f"the probe diverged by step {step}: non-finite values in {', '.join(bad[:3])}; "
+                                 f"lower --lr or use --head-bn; nothing saved, {on_disk(args)}") if bad else None
+    agree(False, failure, control)
     if rank() == 0:
-        save_atomic({"step": step, "epoch": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                     "args": vars(args), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                     "best_top1": best_top1}, os.path.join(args.output_dir, "checkpoint.pth"))
+        try:
+            save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pth"))
+        except OSError as e:
+            failure = augment.InputError(f"cannot save to {args.output_dir}: {e.strerror or e}; {on_disk(args)}")
+    agree(False, failure, control)
+    return step
 
 
 def check_args(args, train_set, backbone):
@@ -410,41 +437,53 @@ def check_args(args, train_set, backbone):
 
 
 def train(args):
-    if "WORLD_SIZE" in os.environ:  # torchrun: env:// rendezvous
-        if torch.cuda.is_available():  # one GPU per process, named so NCCL need not guess it
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = init_distributed(args)
+    control = control_group()
     if args.amp == "auto":
         args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     torch.backends.cudnn.benchmark = True
 
-    backbone, feature_dim, args.arch, reference = load_backbone(args.pretrained, args.arch, args.seed)
-    resolve_preset(args, args.arch)
-    train_set, val_set = make_datasets(args)
-    check_args(args, train_set, backbone)
-    val_set, val_skipped = readable_val(val_set, args)
-    os.makedirs(args.output_dir, exist_ok=True)
+    # inputs, output directory and checkpoint checked on every process before any work; a problem on
+    # any of them stops all of them with its message (agree), instead of hanging the others
+    lock, failure = None, None
+    try:
+        backbone, feature_dim, args.arch, reference = load_backbone(args.pretrained, args.arch, args.seed)
+        resolve_preset(args, args.arch)
+        train_set, val_set = make_datasets(args)
+        check_args(args, train_set, backbone)
+        num_classes = len(train_set.base.classes)
+        lock = lock_output_dir(args)
+    except augment.InputError as e:
+        failure = e
+    agree(False, failure, control)
+    try:
+        val_images = len(val_set)
+        if args.skip_bad_images or not args.no_image_check:  # unreadable images stop the probe now, or are left out
+            augment.check_images(train_set, args.skip_bad_images, args.workers, control, "training images")
+            augment.check_images(val_set, args.skip_bad_images, args.workers, control, "held-out images")
+        val_skipped = val_images - len(val_set)
+        steps_per_epoch = len(train_set) // args.batch_size
+        resume = resume_path(args)
+        ckpt = read_checkpoint(resume, args, steps_per_epoch) if resume else None
+    except augment.InputError as e:
+        failure = e
+    agree(False, failure, control)
     backbone.to(device)
-    num_classes = len(train_set.base.classes)
     torch.manual_seed(args.seed)
     head = make_head(feature_dim, num_classes, args.head_bn).to(device)
-    head_ddp = nn.parallel.DistributedDataParallel(head) if world_size() > 1 else head
     optimizer = make_optimizer(head, args)
-    steps_per_epoch = len(train_set) // args.batch_size
+    step, best_top1 = 0, 0.0
+    try:
+        if ckpt:
+            step, best_top1 = restore(ckpt, resume, head, optimizer)
+    except augment.InputError as e:
+        failure = e
+    agree(False, failure, control)
+    if step:
+        log(args, {"resumed": resume, "step": step})
+    head_ddp = nn.parallel.DistributedDataParallel(head) if world_size() > 1 else head
     total_steps = args.epochs * steps_per_epoch
     peak_lr = args.lr * args.batch_size / 256
-
-    step, best_top1 = 0, 0.0
-    resume = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
-    if resume != "none" and os.path.exists(resume):
-        step, best_top1 = load_checkpoint(resume, head, optimizer, steps_per_epoch)
-        log(args, {"resumed": resume, "step": step})
-    elif args.resume not in ("auto", "none"):
-        raise augment.InputError(f"--resume {args.resume}: no such file")
 
     if args.cached_features:  # one pass over center crops; the loop below then never runs the backbone
         tick = time.time()
@@ -458,56 +497,59 @@ def train(args):
 
     last_step = min(total_steps, args.max_steps or total_steps)
     top1 = top5 = None
-    while step < last_step:
-        window_start, window_steps = time.time(), 0
-        for images, labels in train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args):
-            lr = learning_rate(step, total_steps, peak_lr, args.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            features = images.to(device) if run_backbone is None else encode(backbone, images, device, args)
-            loss = F.cross_entropy(head_ddp(features), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            window_steps += 1
-            if step % args.print_freq == 0 or step == last_step or step % steps_per_epoch == 0:
-                loss_value = mean_over_processes(loss.detach()).item()  # the global batch's loss
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr or use --head-bn; "
-                                             f"stopped without saving, the last good checkpoint in {args.output_dir} is intact")
-                elapsed = time.time() - window_start
-                log(args, {"epoch": step / steps_per_epoch, "step": step, "loss": loss_value, "lr": lr,
-                           "images_per_s": args.batch_size * window_steps / elapsed})
-                window_start, window_steps = time.time(), 0
-            if step == last_step:
-                break
-        top1, top5 = accuracy(run_backbone, head, val_loader, device, args)
-        best_top1 = max(best_top1, top1)
-        log(args, {"epoch": step / steps_per_epoch, "step": step, "top1": top1, "top5": top5})
-        save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1)
+    saved_step = step
+    with StopSignals() as signals:
+        while step < last_step:
+            window_start, window_steps = time.time(), 0
+            for (images, labels), failure in guarded(train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args)):
+                if agree(signals.pending(), failure, control):  # a stop signal reached some process
+                    if step != saved_step:
+                        save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1, control)
+                    raise Stopped(f"{signals.pending() or 'a signal to another process'} at step {step}: {on_disk(args)}; "
+                                  f"the same command continues from there")
+                lr = learning_rate(step, total_steps, peak_lr, args.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                features = images.to(device) if run_backbone is None else encode(backbone, images, device, args)
+                loss = F.cross_entropy(head_ddp(features), labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                window_steps += 1
+                if step % args.print_freq == 0 or step == last_step or step % steps_per_epoch == 0:
+                    loss_value = mean_over_processes(loss.detach()).item()  # the global batch's loss
+                    diverged = None if math.isfinite(loss_value) else FloatingPointError(
+                        f"the probe diverged at step {step} (loss {loss_value}); lower --lr or use --head-bn; {on_disk(args)}")
+                    agree(False, diverged, control)
+                    elapsed = time.time() - window_start
+                    log(args, {"epoch": step / steps_per_epoch, "step": step, "loss": loss_value, "lr": lr,
+                               "images_per_s": args.batch_size * window_steps / elapsed})
+                    window_start, window_steps = time.time(), 0
+                if step == last_step or step % steps_per_epoch == 0:
+                    break
+                if args.save_every and step % args.save_every == 0:
+                    saved_step = save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1, control)
+            top1, top5 = accuracy(run_backbone, head, val_loader, device, args)
+            best_top1 = max(best_top1, top1)
+            log(args, {"epoch": step / steps_per_epoch, "step": step, "top1": top1, "top5": top5})
+            saved_step = save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1, control)
     if top1 is None:  # resumed a finished run: report its accuracy again
         top1, top5 = accuracy(run_backbone, head, val_loader, device, args)
     check_backbone_unchanged(backbone, reference)
     log(args, {"best_top1": best_top1, "final_top1": top1, "final_top5": top5, "backbone_unchanged": True,
                "val_images": len(val_set), "val_skipped": val_skipped})
+    if lock:
+        lock.close()
     if dist.is_initialized():
         dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
-        dist.destroy_process_group()
 
 
 # =============================================================================================
-# Main
+# Main (the pretraining scripts' own: stop signals, errors from any process, lost contact)
 # =============================================================================================
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train(args)
-    except (augment.InputError, FloatingPointError) as e:  # from this process or a data worker
-        if rank() == 0:  # a worker's error arrives as its traceback: keep its last line, the message
-            message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, augment.InputError) else 1)
+    mocov3_asym.run(train, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -784,18 +784,19 @@ def control_group():
 
 
 def guarded(loader):
-    """The loader's batches as (batch, None); if loading fails (a corrupt image), (None, the exception)
-    once, so that the failure can be agreed on with the other processes instead of hanging them."""
+    """The loader's (batch, labels) as ((batch, labels), None); if loading fails (a corrupt image),
+    ((None, None), the exception) once, so that the failure can be agreed on with the other processes
+    instead of hanging them."""
     batches = iter(loader)
     while True:
         try:
-            batch, _ = next(batches)
+            item = next(batches)
         except StopIteration:
             return
         except Exception as e:
-            yield None, e
+            yield (None, None), e
             return
-        yield batch, None
+        yield item, None
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -952,7 +953,7 @@ def train(args):
         while step < last_step:
             window_start, window_steps, data_time = time.time(), 0, 0.0
             tick = time.time()
-            for batch, failure in guarded(train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args)):
+            for (batch, _), failure in guarded(train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args)):
                 if agree(signals.pending(), failure, control):  # a stop signal reached some process
                     if step != saved_step:
                         save_checkpoint(args, step, steps_per_epoch, state, control)
@@ -1004,7 +1005,12 @@ def train(args):
 # Main
 # =============================================================================================
 def main(argv=None):
-    args = parse_args(argv)
+    run(train, parse_args(argv))
+
+
+def run(train, args):
+    """train(args), ended the same way on every process: a stop signal (exit 3, the checkpoint saved),
+    a failure on any process (one line per message, exit 1 or 2: bad input), a lost process (exit 1)."""
     code = 0
     try:
         train(args)

@@ -5,6 +5,7 @@ refused pickle in one clean line, the no-weight-moved check, the presets, 1 proc
 train's classes, and --skip-bad-images counting each readable held-out image once."""
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -264,6 +265,32 @@ def test_resume_equals_uninterrupted(ours, folder, tmp_path):
     assert epoch_top1(whole) == epoch_top1(parts) and len(epoch_top1(whole)) == 2
     assert_same_head(tmp_path / "whole", tmp_path / "parts")
     assert whole[-1]["best_top1"] == parts[-1]["best_top1"] == max(epoch_top1(whole).values())
+
+
+def test_a_stop_signal_saves_and_the_same_command_continues(ours, folder, tmp_path, monkeypatch, capsys):
+    """SIGTERM during step 5 (of 6; 3 an epoch): the step ends, the checkpoint is saved, exit 3; the
+    same command then ends as an uninterrupted run; a changed flag is refused."""
+    args = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
+                    "--batch-size", "16", "--epochs", "2"]
+    lincls.main(args + ["--output-dir", str(tmp_path / "whole")])
+    real = lincls.learning_rate
+
+    def signalled_in_step_5(step, *rest):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *rest)
+    monkeypatch.setattr(lincls, "learning_rate", signalled_in_step_5)
+    with pytest.raises(SystemExit) as stopped:
+        lincls.main(args + ["--output-dir", str(tmp_path / "parts")])
+    monkeypatch.undo()
+    assert stopped.value.code == 3 and "stopped by SIGTERM at step 5: " in capsys.readouterr().err
+    assert torch.load(tmp_path / "parts" / "checkpoint.pth", weights_only=True)["step"] == 5
+    with pytest.raises(SystemExit):
+        lincls.main(args + ["--lr", "1.0", "--output-dir", str(tmp_path / "parts")])
+    assert "changes its run (--lr 2.0 -> 1.0)" in capsys.readouterr().err
+    lincls.main(args + ["--output-dir", str(tmp_path / "parts")])
+    assert_same_head(tmp_path / "whole", tmp_path / "parts")
+    assert read_log(tmp_path / "whole")[-1]["final_top1"] == read_log(tmp_path / "parts")[-1]["final_top1"]
 
 
 def test_cached_features_equal_a_direct_probe_on_center_crops(ours, folder, tmp_path):
