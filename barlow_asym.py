@@ -156,8 +156,6 @@ def make_views(args):
 def make_datasets(args):
     """Training views, and the kNN monitor's bank (labelled train) and held-out split."""
     train_set = augment.dataset(args.data, "train", make_views(args), args.data_root, args.seed)
-    if args.data_on_device:  # decoded into the device's memory here, so that bad settings stop before any work
-        train_set = augment.OnDevice(train_set, args.workers)
     eval_t = augment.eval_transform(args.image_size)
     bank_set = augment.dataset(args.data, "train_labeled", eval_t, args.data_root)
     test_set = augment.dataset(args.data, "test", eval_t, args.data_root)
@@ -919,6 +917,8 @@ def train(args):
         if args.skip_bad_images or not args.no_image_check:  # an unreadable image stops the run now, not hours in
             for what, images in (("training images", train_set), ("kNN bank images", bank_set), ("kNN test images", test_set)):
                 augment.check_images(images, args.skip_bad_images, args.workers, control, what)
+        if args.data_on_device:  # decoded into the device's memory now, so that bad settings stop before any work
+            train_set = augment.OnDevice(train_set, args.workers)
         steps_per_epoch = len(train_set) // args.batch_size
         resume = resume_path(args)
         ckpt = read_checkpoint(resume, args, steps_per_epoch) if resume else None

@@ -190,7 +190,8 @@ def test_kit_cpu_smoke_runs_every_part(tmp_path):
         rows = [[c.strip() for c in line.split("|")[1:-1]] for line in parts[key].splitlines() if line.startswith("| `")]
         assert len(rows) == configs, key
         assert all(float(r[1]) > 0 and r[3].endswith("x") for r in rows), key
-        assert sum(r[3] == "1.00x" for r in rows) == {"b": 1, "c": 5, "f": 1}[key]
+        references = rows[::2] if key == "c" else rows[:1]  # (c): each framework's baseline, then its composition
+        assert all(r[3] == "1.00x" for r in references), key
     data = [[c.strip() for c in line.split("|")[1:-1]] for line in parts["d"].splitlines()
             if line.startswith("| ") and "---" not in line and not line.startswith("| recipe")]
     assert [r[0] for r in data] == ["baseline", "multicrop", "baseline", "multicrop", "meanenc"]

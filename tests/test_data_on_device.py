@@ -214,9 +214,11 @@ def test_bad_input_is_one_error_line(folder, tmp_path, capsys):
     out = ["--output-dir", str(tmp_path / "run")]
     line = error_line(script, small(script) + ["--data-on-device", "--asym-aug"] + out, capsys)
     assert "RandAugment" in line
-    (tmp_path / "odd" / "train" / "a").mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / "odd" / split / "a").mkdir(parents=True)
     for i, side in enumerate((32, 32, 40)):
         augment.SyntheticShapes("train")[i][0].resize((side, side)).save(tmp_path / "odd" / "train" / "a" / f"{i}.png")
+    augment.SyntheticShapes("test")[0][0].save(tmp_path / "odd" / "test" / "a" / "0.png")
     line = error_line(script, small(script) + ["--data", str(tmp_path / "odd"), "--data-on-device", "--batch-size", "2",
                                                "--queue-size", "4"] + out, capsys)
     assert "needs images of one size: found 3x40x40 after 3x32x32" in line
