@@ -19,6 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import augment  # noqa: E402  (after the path)
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="asym-siam-test-cache-")  # the image checks' cache, per session
+# Tiny tensors on a 2-core machine: one thread per process, as the scripts run by run_script get
+# (OMP_NUM_THREADS=1), spares every op a wait for the second core (the suite runs about 2x faster).
+torch.set_num_threads(1)
 CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
 # small and fast: ImageNet stem at 32 px, no kNN unless a test asks (COMMON: every script's flags)
 COMMON = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",

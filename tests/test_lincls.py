@@ -20,24 +20,11 @@ from conftest import FAST, read_log, run_in_processes
 PROBE = ["--image-size", "16", "--workers", "0", "--print-freq", "1", "--optimizer", "sgd", "--lr", "2.0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread (as run_in_processes's) spares every op
-    a wait for a busy second core, many times faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
     """checkpoint.pth and backbone.pth of one real mocov2_asym.py step."""
     out = tmp_path_factory.mktemp("mocov2")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     mocov2_asym.main(FAST + ["--max-steps", "1", "--output-dir", str(out)])
-    torch.set_num_threads(threads)
     return out
 
 
