@@ -580,6 +580,38 @@ def collate_views(samples):
 
 
 # ---------------------------------------------------------------------------------------------
+# The paper's variance reference (Fig. 2): how much the encodings of one image spread over its views
+# ---------------------------------------------------------------------------------------------
+# variance.py (a checkpoint, any design) and the scripts' variance monitor (asymmetry_variance:
+# the run's own source and target, while it trains) both measure it with these.
+def intra_sample_variance(z):
+    """K x N x D encodings of N images (K each) -> N: the variance over the K l2-normalised
+    encodings (population, /K), averaged over the D dimensions = (1 - ||mean||^2) / D."""
+    return F.normalize(z.float(), dim=-1).var(0, unbiased=False).mean(-1)
+
+
+def uniform_reference(k, d):
+    """The variance of K encodings drawn uniformly on the sphere in d dimensions: E||mean of K unit
+    vectors||^2 = 1/K, so (1 - 1/K)/d (1/d only as K grows)."""
+    return (1 - 1 / k) / d
+
+
+class Draws(torch.utils.data.Dataset):
+    """Item i * r + j: image i of `base` (with its label) for the j-th of r draws of its views.
+    Wrapped in a SeededDataset, each draw is seeded by its own item: the same views at every pass
+    (the variance monitor's probe set: a change over training is the encoder's, not the views')."""
+
+    def __init__(self, base, r):
+        self.base, self.r = base, r
+
+    def __len__(self):
+        return len(self.base) * self.r
+
+    def __getitem__(self, item):
+        return self.base[item // self.r]
+
+
+# ---------------------------------------------------------------------------------------------
 # Data sets: ImageFolder roots, torchvision names, and a built-in synthetic one
 # ---------------------------------------------------------------------------------------------
 class InputError(ValueError):

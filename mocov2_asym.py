@@ -120,10 +120,18 @@ def parse_args(argv=None):
     g.add_argument("--knn-every", type=int, default=10, help="kNN accuracy every N epochs and at the end (0: only at the end, -1: never)")
     g.add_argument("--knn-k", type=int, default=200, help="kNN neighbours")
     g.add_argument("--knn-t", type=float, default=0.1, help="kNN temperature (0.07 on ImageNet)")
+    g.add_argument("--variance-every", type=int,
+                   help="the variance monitor (the paper's v_source and v_target; README: Watching the asymmetry) every N "
+                        "epochs and at the end (0: only at the end, -1: never; default: --knn-every's)")
+    g.add_argument("--variance-images", type=int, default=256,
+                   help="variance monitor: the first N held-out images (fewer if the split has fewer), in whole BN batches")
+    g.add_argument("--variance-views", type=int, default=8, metavar="R",
+                   help="variance monitor: R draws of each image's training views, per side (the paper's Fig. 2: 32)")
     args = p.parse_args(argv)
     if args.workers < 0:  # the CPUs this process may use, shared with the other processes on its node
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         args.workers = min(16, max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    args.variance_every = args.knn_every if args.variance_every is None else args.variance_every  # with the kNN monitor
     # resolve the designs' placements into plain values (the checkpoint stores them)
     if args.multicrop_on and not args.multicrop:
         args.multicrop = 6
@@ -382,6 +390,16 @@ def target_encode(target, x, splits=1):
     return batch_unshuffle(target([x])[0], undo, splits)
 
 
+@torch.no_grad()
+def side_encode(source, target, x, side, args):
+    """(n*N)x3xHxW views of one side -> (n*N)xD encodings as the variance monitor measures them: the
+    projector's output (a predictor left out, as the paper measures); the target's as training
+    encodes them (MoCo's shuffled BN)."""
+    if side == "source":
+        return source.projector(source.backbone(x))
+    return target_encode(target, x, args.bn_splits)
+
+
 class Queue(nn.Module):
     """K target encodings of past batches, the negatives of InfoNCE (KxD, oldest overwritten first)."""
 
@@ -522,6 +540,7 @@ def non_finite(tree, prefix=""):
 # Flags that may differ when a run resumes: where it writes, how it is watched, how fast it runs.
 # Every other flag changes the run, so a difference stops the resume (unless --resume-anyway).
 RESUMABLE_FLAGS = ("output_dir", "resume", "resume_anyway", "workers", "print_freq", "knn_every", "knn_k", "knn_t",
+                   "variance_every", "variance_images", "variance_views",
                    "max_steps", "save_every", "dist_timeout", "compile", "data_root", "no_image_check", "epochs")
 
 
@@ -689,6 +708,141 @@ def knn_accuracy(backbone, bank_loader, test_loader, device, args):
     return (scores.argmax(1) == test_labels).float().mean().item() * 100
 
 
+# ---- the variance monitor: the paper's source and target variance while it trains ---------------
+# +-----------------------------------------------------------------------------------------+
+# | The paper's central quantity (Fig. 2): how much the l2-normalised encodings of an image |
+# | spread over its views. Keep the target's below the source's: designs that raise it     |
+# | belong on the source, those that lower it on the target. Each side is measured with    |
+# | its own views (its recipe and designs) and its own BN (AsymBN), as training encodes    |
+# | it; variance.py --sides gives the same numbers for a checkpoint.                       |
+# +-----------------------------------------------------------------------------------------+
+def probe_batches(n_images, args):
+    """The variance monitor's BN batches: global batches of G = min(--batch-size, images) consecutive
+    images, G a multiple of the devices (processes x --bn-splits), each split among the processes as
+    training's sampler splits a batch (image k to process k mod world), so that --bn-splits k on one
+    process is k processes. -> for each batch and draw j < r, this process's items (image x r + j)."""
+    devices, r = world_size() * args.bn_splits, args.variance_views
+    g = min(args.batch_size, n_images) // devices * devices
+    if g < 2 * devices:
+        raise augment.InputError(f"the variance monitor needs {2 * devices} or more held-out images (BN batches of 2 per "
+                                 f"device), the split has {n_images}: pass --variance-every -1")
+    return [[image * r + j for image in range(start + rank(), start + g, world_size())]
+            for start in range(0, n_images - g + 1, g) for j in range(r)]
+
+
+def probe_loader(held_out, args):
+    """The variance monitor's probe set: the first --variance-images held-out images (a data set of
+    images), each drawn --variance-views times with the training views (make_views: every side's
+    recipe and designs), each draw seeded by its image and number: the same views at every evaluation.
+    A batch is one draw of one BN batch's images (probe_batches), view-major as training's."""
+    n = min(args.variance_images, len(held_out))
+    draws = augment.Draws(torch.utils.data.Subset(held_out, range(n)), args.variance_views)
+    return torch.utils.data.DataLoader(augment.SeededDataset(draws, make_views(args), args.seed),
+                                       batch_sampler=probe_batches(n, args), num_workers=args.workers,
+                                       collate_fn=augment.collate_views, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
+
+
+@torch.no_grad()
+def side_encodings(source, target, batch, side, args):
+    """One draw of a side's views -> its encodings, each NxD: the standard views' (MeanEnc: the mean of
+    the n encodings, un-normalised; the n views in one forward, as in training) and, where MultiCrop
+    is on this side, each small crop's (in one forward, or one per crop as --multicrop-per-crop)."""
+    n = args.mean_enc_source if side == "source" else args.mean_enc
+    z = side_encode(source, target, batch[side], side, args).float()
+    encodings = [z.view(n, -1, z.shape[-1]).mean(0)]
+    if side + "_small" in batch:
+        small = batch[side + "_small"]
+        crops = small.chunk(args.multicrop) if args.multicrop_per_crop and side == "source" else [small]
+        encodings += torch.cat([side_encode(source, target, x, side, args) for x in crops]).float().chunk(args.multicrop)
+    return encodings
+
+
+@torch.no_grad()
+def asymmetry_variance(source, target, loader, device, args):
+    """The paper's variance of each side on the probe set (probe_loader): per image, the variance of
+    its K l2-normalised encodings (augment.intra_sample_variance), K = r draws x (1 + m) where
+    MultiCrop's m small crops are on that side (pooled with the standard views'), else r; v = the
+    mean over the images. BN in train mode with each batch's statistics, as in training. The training
+    state is left as it was: BN running statistics restored, the random state forked (MoCo v2's BN
+    shuffle draws from it: here from --seed, the same at every evaluation). -> {v_source, v_target,
+    v_ratio (target / source), v_uniform_source and v_uniform_target ((1 - 1/K)/d, encodings uniform
+    on the sphere), v_std_source and v_std_target (SimSiam's std x sqrt(d) of each draw's standard
+    encodings over the images, averaged over the draws)}."""
+    sides, r = ("source", "target"), args.variance_views
+    modes = [encoder.training for encoder in (source, target)]
+    buffers = [b.clone() for encoder in (source, target) for b in encoder.buffers()]  # BN running statistics
+    sums = {side: torch.zeros(2, dtype=torch.float64, device=device) for side in sides}  # sum of v over images, images
+    moments, k = {}, {}  # side -> 2 x r x D: sum and sum of squares over the images of each draw's standard encodings; K
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(args.seed)
+        source.train()
+        target.train()
+        draws = {side: [] for side in sides}
+        for i, (batch, _) in enumerate(loader):
+            batch = augment.finish_views({kind: x.to(device, non_blocking=True) for kind, x in batch.items()})
+            if args.channels_last:
+                batch = {kind: x.to(memory_format=torch.channels_last) for kind, x in batch.items()}
+            with autocast(device, args):
+                for side in sides:
+                    draws[side].append(side_encodings(source, target, batch, side, args))
+            if i % r < r - 1:
+                continue
+            for side in sides:  # the r draws of this batch's images are in
+                z = torch.stack([e for draw in draws[side] for e in draw])  # KxNxD
+                v = augment.intra_sample_variance(z)  # N
+                sums[side][0] += v.double().sum()
+                sums[side][1] += len(v)
+                u = F.normalize(torch.stack([draw[0] for draw in draws[side]]).double(), dim=-1)  # rxNxD
+                moments[side] = moments.get(side, 0) + torch.stack([u.sum(1), (u ** 2).sum(1)])  # 2xrxD
+                k[side], draws[side] = len(z), []
+    for b, saved in zip([b for encoder in (source, target) for b in encoder.buffers()], buffers):
+        b.copy_(saved)
+    for encoder, mode in zip((source, target), modes):
+        encoder.train(mode)
+    stats = torch.cat([torch.cat([sums[side], moments[side].flatten()]) for side in sides])  # one all-reduce
+    if world_size() > 1:
+        dist.all_reduce(stats)
+    record = {}
+    for side, part in zip(sides, stats.split(len(stats) // 2)):
+        (v_sum, n), (s1, s2) = part[:2], part[2:].view(moments[side].shape)
+        std = ((s2 - s1 ** 2 / n) / (n - 1)).clamp(min=0).sqrt()  # rxD: per draw and dimension, over the images
+        d = std.shape[1]
+        record.update({f"v_{side}": (v_sum / n).item(), f"v_uniform_{side}": augment.uniform_reference(k[side], d),
+                       f"v_std_{side}": (std.mean(1) * math.sqrt(d)).mean().item()})
+    return {"v_source": record["v_source"], "v_target": record["v_target"], "v_ratio": record["v_target"] / record["v_source"],
+            **{key: record[key] for key in ("v_uniform_source", "v_uniform_target", "v_std_source", "v_std_target")}}
+
+
+def variance_warning(records):
+    """One line once v_target > v_source at two evaluations in a row (records: the monitor's, in
+    order); None otherwise, and while such a streak goes on."""
+    above = [record["v_target"] > record["v_source"] for record in records]
+    if above[-2:] != [True, True] or above[-3:-2] == [True]:
+        return None
+    first, last = records[-2:]
+    return (f"v_target > v_source at two evaluations in a row (epochs {first['epoch']:g} and {last['epoch']:g}: "
+            f"{last['v_target']:.3g} > {last['v_source']:.3g}); the paper finds that a target whose encodings vary "
+            f"more than the source's hurts: variance-raising designs belong on the source, lowering ones on the target")
+
+
+def watch_variance(records, source, target, probe, device, args, step, steps_per_epoch, epoch_time=None, redo_until=0):
+    """Run the variance monitor, log its record with its time and this epoch's training time (its
+    cost), append it to `records`, and warn once v_target > v_source at two evaluations in a row."""
+    start = time.time()
+    record = {"epoch": step / steps_per_epoch, "step": step, **asymmetry_variance(source, target, probe, device, args),
+              "variance_time": time.time() - start}
+    if epoch_time is not None:
+        record["epoch_time"] = epoch_time
+    log(args, record, redo_until)
+    records.append(record)
+    warning = variance_warning(records)
+    if warning:
+        augment.warn(warning)
+
+
 def log(args, stats, redo_until=0):
     """Print and append to output-dir/log.jsonl (rank 0). Steps up to redo_until were logged before an
     interruption and run again after the resume: their records say "redo": true."""
@@ -844,6 +998,8 @@ def check_args(args, train_set):
         problems.append("--lr and --wd must not be negative")
     if args.save_every < 0 or args.dist_timeout <= 0 or args.print_freq < 1:
         problems.append("--save-every must not be negative, --dist-timeout and --print-freq must be positive")
+    if args.variance_every >= 0 and (args.variance_views < 2 or args.variance_images < 1):
+        problems.append("--variance-views must be 2 or more (a variance over views) and --variance-images 1 or more")
     if problems:
         raise augment.InputError("; ".join(problems))
 
@@ -902,6 +1058,7 @@ def train(args):
         steps_per_epoch = len(train_set) // args.batch_size
         resume = resume_path(args)
         ckpt = read_checkpoint(resume, args, steps_per_epoch) if resume else None
+        probe = probe_loader(test_set.base, args) if args.variance_every >= 0 else None  # after the image check
     except augment.InputError as e:
         failure = e
     agree(False, failure, control)
@@ -929,12 +1086,15 @@ def train(args):
     bank_loader, test_loader = eval_loader(bank_set, args), eval_loader(test_set, args)
     last_step = min(total_steps, args.max_steps or total_steps)
 
+    variance_records = []  # the variance monitor's, for its warning
     with StopSignals() as signals:
         if step == 0 and args.knn_every > 0:  # the initial encoder's accuracy: the reference to beat
             log(args, {"epoch": 0.0, "step": 0, "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)})
+        if step == 0 and args.variance_every > 0:  # the initial encoder's variance of each side
+            watch_variance(variance_records, source, target, probe, device, args, 0, steps_per_epoch)
         while step < last_step:
             window_start, window_steps, data_time = time.time(), 0, 0.0
-            tick = time.time()
+            epoch_start = tick = time.time()
             for (batch, _), failure in guarded(train_loader(train_set, step // steps_per_epoch, step % steps_per_epoch, args)):
                 if agree(signals.pending(), failure, control):  # a stop signal reached some process
                     if step != saved_step:
@@ -973,11 +1133,14 @@ def train(args):
                 if args.save_every and step % args.save_every == 0:
                     saved_step = save_checkpoint(args, step, steps_per_epoch, state, control)
                 tick = time.time()
+            epoch_time = time.time() - epoch_start  # this epoch's training (what the variance monitor's time is set against)
             saved_step = save_checkpoint(args, step, steps_per_epoch, state, control)
             done = step == last_step
             if args.knn_every >= 0 and (done or (args.knn_every and step % (args.knn_every * steps_per_epoch) == 0)):
                 log(args, {"epoch": step / steps_per_epoch, "step": step,
                            "knn_top1": knn_accuracy(source.backbone, bank_loader, test_loader, device, args)}, redo_until)
+            if args.variance_every >= 0 and (done or (args.variance_every and step % (args.variance_every * steps_per_epoch) == 0)):
+                watch_variance(variance_records, source, target, probe, device, args, step, steps_per_epoch, epoch_time, redo_until)
     if lock:
         lock.close()
     if dist.is_initialized():

@@ -17,17 +17,21 @@ Designs (--designs, any subset; the baseline is always measured, every ratio is 
     meanenc:N   MeanEnc: each of the r encodings is the normalised mean of N encodings
 --collapse adds the singular-value spectrum of the backbone features (eval mode and eval views),
 its cumulative explained variance and AUC (0.5 flat ... 1 rank one), and SimSiam's std x sqrt(d).
+--sides measures a run instead: its source and target, each with its own views and BN, by the training
+script's variance monitor itself (asymmetry_variance), so the numbers are those of the run's log.
 
 Examples:
     python variance.py --checkpoint runs/mocov2_asym --data /path/to/imagenet --collapse   # Fig. 2
     python variance.py --framework mocov2 --arch resnet18 --image-size 32 --data synthetic \\
         --num-images 256 --views 8 --batch-size 32 --syncbn-devices 4 --workers 2   # random encoder, CPU
     torchrun --nproc_per_node=8 variance.py --checkpoint runs/mocov2_asym/checkpoint.pth --data $IMAGENET
+    python variance.py --checkpoint runs/quickstart --data synthetic --sides --num-images 256 --views 8  # its log's numbers
 """
 import argparse
 import csv
 import importlib
 import inspect
+import json
 import math
 import os
 import sys
@@ -40,6 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+# the per-image variance and its uniform reference: one implementation, which the training scripts'
+# variance monitor (asymmetry_variance) uses too
+from augment import intra_sample_variance, uniform_reference  # noqa: F401 (part of this module's API)
 
 # =============================================================================================
 # Arguments
@@ -90,6 +97,14 @@ def parse_args(argv=None):
     g.add_argument("--syncbn-devices", type=int, default=8,
                    help="syncbn: the projector BN sees k batches of B at once, as SyncBN over k devices would")
     g.add_argument("--seed", type=int, default=0, help="seeds the views (per image) and a random-init encoder")
+    g = p.add_argument_group("the run's own source and target (the training scripts' variance monitor)")
+    g.add_argument("--sides", action="store_true",
+                   help="instead of --designs: the checkpoint's source and target, each with its run's views, designs, BN "
+                        "and --seed, in its run's BN batches: the numbers its variance monitor logs (v_source, v_target, "
+                        "v_ratio, ...), by the script's own asymmetry_variance; --num-images 256 --views 8 are its defaults")
+    g.add_argument("--bn-splits", type=int,
+                   help="--sides: per-device BN groups per process (default: the checkpoint's --bn-splits); a run on W "
+                        "processes measured on one: W x its --bn-splits (or run this on W processes)")
     g = p.add_argument_group("dimensional collapse")
     g.add_argument("--collapse", action="store_true", help="also the singular-value spectrum and its AUC (Li et al. 2022): "
                    "min(N, D) singular values of N images x D dimensions, as their torch.svd(R).S")
@@ -226,12 +241,6 @@ def build_encoder(args, device):
 # =============================================================================================
 # Measures
 # =============================================================================================
-def intra_sample_variance(z):
-    """r x N x D encodings of N images (r each) -> N: the variance over the r l2-normalised
-    encodings (population, /r), averaged over the D dimensions = (1 - ||mean||^2) / D."""
-    return F.normalize(z.float(), dim=-1).var(0, unbiased=False).mean(-1)
-
-
 def cumulative_explained_variance(s):
     """Singular values s_1 >= ... >= s_D (not squared) -> CEV_k = sum_{j<=k} s_j / sum_j s_j (D),
     and its AUC = mean_k CEV_k: (D+1)/(2D) for a flat spectrum, 1 for rank one."""
@@ -416,12 +425,6 @@ def plot_spectrum(s, cev, auc, path, plt):
     plt.close(fig)
 
 
-def uniform_reference(r, d):
-    """The variance of r encodings drawn uniformly on the sphere in d dimensions: E||mean of r unit
-    vectors||^2 = 1/r, so (1 - 1/r)/d (1/d only as r grows)."""
-    return (1 - 1 / r) / d
-
-
 def write_outputs(per_image, images, collapse, d, info, args):
     """variance.md (printed too), variance.csv, variance_per_image.csv (one row per data-set index in
     `images`), collapse_spectrum.csv and the plots."""
@@ -501,6 +504,7 @@ def check_args(args, n_images):
 
 
 def run(args):
+    """variance.py: --designs on one encoder, or --sides of a run."""
     if "WORLD_SIZE" in os.environ:  # torchrun: env:// rendezvous
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -511,7 +515,17 @@ def run(args):
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if args.amp == "auto":
         args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if args.sides:
+        measure_sides(args, device)
+    else:
+        measure_designs(args, device)
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
+        dist.destroy_process_group()
 
+
+def measure_designs(args, device):
+    """Fig. 2: every design's views on one fixed encoder (the checkpoint's source or a random one)."""
     designs = list(dict.fromkeys(["baseline"] + [d.lower() for d in args.designs]))  # baseline first, once
     for design in designs:
         parse_design(design)
@@ -547,9 +561,70 @@ def run(args):
         info = (f"{source}, source {feature} (d={d}), {n_images} {args.data} held-out images{unreadable} at {args.image_size} px, "
                 f"r={args.views} views, BN batches of {args.batch_size} (syncbn: {args.syncbn_devices} x {args.batch_size})")
         write_outputs(per_image, images[:n_images], collapse, d, info, args)
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before all are done
-        dist.destroy_process_group()
+
+
+def measure_sides(args, device):
+    """--sides: the checkpoint's source and target measured by its own script's variance monitor
+    (asymmetry_variance, the one implementation: the same numbers as the run's log for the same
+    views and images), on the first --num-images held-out images with --views draws per side."""
+    if not args.checkpoint:
+        raise augment.InputError("--sides measures a run's own source and target: give its --checkpoint")
+    if args.features != "projector":
+        raise augment.InputError("--sides measures the projector's encodings, as the monitor: leave --features out")
+    if args.views < 2:
+        raise augment.InputError(f"--views {args.views}: a variance needs 2 or more views per image")
+    ckpt = read_checkpoint(args.checkpoint)
+    framework = args.framework or detect_framework(ckpt["args"])
+    module, defaults = script_defaults(framework)
+    run_args = argparse.Namespace(**{**defaults, **ckpt["args"]})
+    if args.image_size and args.image_size != run_args.image_size:
+        raise augment.InputError(f"--image-size {args.image_size}, but --sides measures the run's views, "
+                                 f"at its {run_args.image_size} px: leave it out")
+    if args.bn_splits is not None and args.bn_splits < 1:
+        raise augment.InputError(f"--bn-splits {args.bn_splits} must be 1 or more")
+    run_args.variance_views, run_args.workers, run_args.amp = args.views, args.workers, args.amp
+    run_args.bn_splits = args.bn_splits or run_args.bn_splits
+    dataset = augment.dataset(args.data, "test", None, args.data_root)
+    images = list(range(min(args.num_images or len(dataset), len(dataset))))  # the first N held-out images
+    skipped = 0
+    if args.skip_bad_images:  # the readable ones among them, each once
+        images, skipped = augment.readable(dataset.base, images, args.workers, "held-out images")
+    run_args.variance_images = len(images)
+    probe = module.probe_loader(torch.utils.data.Subset(dataset.base, images), run_args)
+    source, target = module.build_encoders(run_args, device)
+    try:
+        source.load_state_dict(ckpt["source"])
+        target.load_state_dict(ckpt["target"])
+    except RuntimeError as e:
+        raise augment.InputError(f"--checkpoint {args.checkpoint}: it does not fit {framework}_asym.py's encoders "
+                                 f"({' '.join(str(e).split())[:200]})") from None
+    record = module.asymmetry_variance(source, target, probe, device, run_args)
+    if rank() == 0:
+        used = sum(len(batch) for batch in probe.batch_sampler) // args.views * world_size()
+        unreadable = f" ({skipped} unreadable left out)" if args.skip_bad_images else ""
+        info = (f"{framework}_asym.py checkpoint {args.checkpoint} (step {ckpt['step']}, epoch {ckpt['epoch']:g}): "
+                f"{used} of the first {len(images)} {args.data} held-out images{unreadable} (whole BN batches), "
+                f"r={args.views} draws of the run's views per side")
+        write_sides(record, info, run_args, args)
+
+
+def write_sides(record, info, run_args, args):
+    """variance.md (printed too) and variance_sides.json (the monitor's record) for --sides."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    lines = [f"Variance of each side: {info}.", "",
+             "| side | v (x1e-4) | encodings per image K | uniform (1 - 1/K)/d (x1e-4) | std x sqrt(d) |", "|---|---|---|---|---|"]
+    for side in ("source", "target"):
+        uniform = record[f"v_uniform_{side}"]
+        k = args.views * (1 + (run_args.multicrop if run_args.multicrop_on in (side, "both") else 0))
+        lines.append(f"| {side} | {record[f'v_{side}'] * 1e4:.2f} | {k} | {uniform * 1e4:.2f} | {record[f'v_std_{side}']:.3f} |")
+    verdict = "below 1: the target varies less, the paper's placement" if record["v_ratio"] < 1 else \
+        "above 1: the target varies more than the source, which the paper finds hurts"
+    lines += ["", f"v_target / v_source = {record['v_ratio']:.3f} ({verdict})."]
+    with open(os.path.join(args.output_dir, "variance_sides.json"), "w") as f:
+        json.dump(record, f)
+    with open(os.path.join(args.output_dir, "variance.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
 
 
 # =============================================================================================
