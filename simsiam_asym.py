@@ -783,7 +783,9 @@ def asymmetry_variance(source, target, loader, device, args):
 
 def variance_warning(records):
     """One line once v_target > v_source at two evaluations in a row (records: the monitor's, in
-    order); None otherwise, and while such a streak goes on."""
+    order); None otherwise, and while such a streak goes on. The initial evaluation does not count:
+    the target starts as the source's copy, so there the two differ only by their views' draws."""
+    records = [record for record in records if record["step"] > 0]
     above = [record["v_target"] > record["v_source"] for record in records]
     if above[-2:] != [True, True] or above[-3:-2] == [True]:
         return None
@@ -1020,7 +1022,7 @@ def train(args):
         steps_per_epoch = len(train_set) // args.batch_size
         resume = resume_path(args)
         ckpt = read_checkpoint(resume, args, steps_per_epoch) if resume else None
-        probe = probe_loader(test_set.base, args) if args.variance_every >= 0 else None  # after the image check
+        probe = augment.Replay(probe_loader(test_set.base, args)) if args.variance_every >= 0 else None  # after the image check
     except augment.InputError as e:
         failure = e
     agree(False, failure, control)

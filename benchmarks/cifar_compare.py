@@ -190,7 +190,8 @@ def side_by_side(work):
 
 
 def collect(work, out):
-    """Copy both runs' logs to out and draw kNN top-1 and loss against epochs -> the PNG (ImportError without matplotlib)."""
+    """Copy both runs' logs to out and draw kNN top-1, loss and (where logged) the variance monitor's v_source and
+    v_target against epochs -> the PNG (ImportError without matplotlib)."""
     os.makedirs(out, exist_ok=True)
     logs = []
     for run in RUNS:
@@ -201,7 +202,7 @@ def collect(work, out):
     if not logs:
         return None
     labels = [f"{run} {RUNS[run]}".strip() for run in RUNS if os.path.exists(os.path.join(work, run, "log.jsonl"))]
-    return plot_logs.draw(logs, ["knn_top1", "loss"], os.path.join(out, "cifar_knn.png"), labels=labels,
+    return plot_logs.draw(logs, plot_logs.default_keys(logs), os.path.join(out, "cifar_knn.png"), labels=labels,
                           title="MoCo v2, ResNet-18, CIFAR-10")
 
 

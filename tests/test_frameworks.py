@@ -1,5 +1,5 @@
 """What every *_asym.py script shares, tested on each: every design alone and all together under
-2 processes, resume == uninterrupted, the saved backbone, one error line for bad input, LARS, the
+2 processes (with the variance monitor where designs are combined), resume == uninterrupted, the saved backbone, one error line for bad input, LARS, the
 target's update (EMA or clone) and that the target gets no gradient."""
 import importlib
 import math
@@ -34,6 +34,9 @@ DESIGNS = {
                    "--syncbn-on", "both", "--source-aug", "weaker", "--target-aug", "stronger", "--mean-enc-source", "2"],
     "all": ["--multicrop", "2", "--scalemix", "--asym-aug", "--asym-bn", "--mean-enc", "2", "--bn-splits", "2"],
 }
+# the variance monitor at the end of these runs (designs combined, MultiCrop's crops on both sides): small probe
+MONITORED = {"placements", "all", "gpu-aug", "vit"}
+MONITOR = ["--variance-every", "0", "--variance-images", "16", "--variance-views", "2"]
 EXTRA_DESIGNS = {  # what a script adds to the common designs
     "mocov2_asym.py": {"gpu-aug": ["--gpu-aug", "--multicrop", "2", "--scalemix", "--mean-enc", "2"]},
     "byol_asym.py": {"global-bn": ["--global-bn"]},
@@ -56,13 +59,18 @@ def small(script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_design_runs_under_two_processes(script, tmp_path):
     designs = dict(DESIGNS, **EXTRA_DESIGNS.get(script, {}))
-    run_in_processes(script, [small(script) + flags + ["--max-steps", "2", "--output-dir", str(tmp_path / name)]
-                              for name, flags in designs.items()])
+    run_in_processes(script, [small(script) + flags + (MONITOR if name in MONITORED else []) + ["--max-steps", "2",
+                              "--output-dir", str(tmp_path / name)] for name, flags in designs.items()])
     for name in designs:
         records = [r for r in read_log(tmp_path / name) if "loss" in r]
         assert [r["step"] for r in records] == [1, 2], name
         for r in records:
             assert math.isfinite(r["loss"]) and 0 < r["std_source"] < 2 and 0 < r["std_target"] < 2, (name, r)
+        monitor = [r for r in read_log(tmp_path / name) if "v_source" in r]
+        assert [r["step"] for r in monitor] == ([2] if name in MONITORED else []), name
+        for r in monitor:  # each side above 0 (identical views) and at most 1/d = v_uniform / (1 - 1/K) <= 2 v_uniform
+            assert 0 < r["v_source"] <= 2 * r["v_uniform_source"] and 0 < r["v_target"] <= 2 * r["v_uniform_target"], (name, r)
+            assert r["v_ratio"] == pytest.approx(r["v_target"] / r["v_source"]) and 0 < r["v_std_target"] < 2, (name, r)
         ckpt = torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)
         assert ckpt["step"] == 2 and ckpt["args"]["batch_size"] == 16
     args = torch.load(tmp_path / "all" / "checkpoint.pth", weights_only=True)["args"]
