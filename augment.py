@@ -612,10 +612,10 @@ class Draws(torch.utils.data.Dataset):
 
 
 class Replay:
-    """A loader whose batches are the same at every pass (seeded views of fixed images): the first
-    pass keeps them while they fit in max_bytes, later passes replay them without decoding or
-    augmenting again (the variance monitor's probe at 32 px: about 50 MB); batches that do not fit
-    are loaded again at every pass."""
+    """A loader whose batches are the same at every pass (seeded views of fixed images): after a
+    first pass whose views fit in max_bytes, later passes replay them without decoding or
+    augmenting again (the variance monitor's probe at 32 px: about 50 MB); a larger one is loaded
+    again at every pass."""
 
     def __init__(self, loader, max_bytes=256 * 2**20):
         self.loader, self.max_bytes, self.batches = loader, max_bytes, None

@@ -696,3 +696,22 @@ def test_paste_boxes_is_scalemix_image_by_image():
         expected = a.clone()
         expected[:, top:bottom, left:right] = b[:, top:bottom, left:right]
         assert torch.equal(m, expected)
+
+
+def test_replay_keeps_a_pass_that_fits_and_loads_a_larger_one_again():
+    """The variance monitor's probe: after one whole pass that fits, the same batches without
+    touching the loader; over max_bytes (here 2 batches of 3x4 floats = 96 bytes > 64), every pass
+    from the loader."""
+    class Loader:
+        passes = 0
+
+        def __iter__(self):
+            Loader.passes += 1
+            return iter([({"source": torch.full((3, 4), float(i))}, None) for i in range(2)])
+
+    fits, larger = augment.Replay(Loader(), max_bytes=96), augment.Replay(Loader(), max_bytes=64)
+    first = list(fits)
+    assert [b[0]["source"][0, 0].item() for b in first] == [0.0, 1.0] and Loader.passes == 1
+    assert all(a is b for a, b in zip(list(fits), first)) and Loader.passes == 1
+    list(larger), list(larger)
+    assert Loader.passes == 3

@@ -8,10 +8,28 @@ import pytest
 import torch
 import torchvision
 
+import mocov2_asym
 from conftest import FAST, read_log, run_script, small_image_folder, step_losses
 from test_frameworks import error_line as in_process_error_line
 
 SCRIPT = "mocov2_asym.py"
+
+
+def main_fails(argv, capsys):
+    """mocov2_asym.main(argv) in this process (no interpreter start-up: the command line itself is
+    run by the other tests here) -> (exit status, stderr lines other than warnings)."""
+    with pytest.raises(SystemExit) as exit_info:
+        mocov2_asym.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return exit_info.value.code, [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
+
+
+def in_process_error(argv, capsys):
+    """The one error line of a refused command (exit status 2), run in this process."""
+    code, lines = main_fails(argv, capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
+    return lines[0]
 
 
 def test_real_torchrun_with_sym_enqueues_both_keys(tmp_path):
@@ -30,9 +48,9 @@ def test_resume_equals_uninterrupted(folder, tmp_path):
     colour parameters)."""
     common = FAST + ["--data", folder, "--epochs", "3", "--mean-enc", "2", "--scalemix", "--bn-splits", "2", "--gpu-aug"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run_script(SCRIPT, common + ["--max-steps", "7", "--output-dir", str(whole)])
+    mocov2_asym.main(common + ["--max-steps", "7", "--output-dir", str(whole)])
     for stop in ("2", "3", "7"):
-        run_script(SCRIPT, common + ["--max-steps", stop, "--workers", "1", "--output-dir", str(parts)])
+        mocov2_asym.main(common + ["--max-steps", stop, "--workers", "1", "--output-dir", str(parts)])
     assert [r["resumed"] for r in read_log(parts) if "resumed" in r] == [str(parts / "checkpoint.pth")] * 2
     a, b = step_losses(whole), step_losses(parts)
     assert sorted(a) == sorted(b) == list(range(1, 8))
@@ -59,13 +77,13 @@ def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, capsys):
     args = FAST + ["--data", folder, "--batch-size", "8", "--output-dir", str(tmp_path)]  # 6 steps an epoch
-    run_script(SCRIPT, args + ["--max-steps", "2"])
+    mocov2_asym.main(args + ["--max-steps", "2"])
     before = digest(tmp_path / "checkpoint.pth")
-    proc = run_script(SCRIPT, args + ["--lr", "1e30", "--max-steps", "5", "--resume-anyway"], check=False)
-    assert proc.returncode == 1
-    assert f"error: training diverged at step" in proc.stderr and f"{tmp_path}/checkpoint.pth holds step 2 " in proc.stderr
+    code, lines = main_fails(args + ["--lr", "1e30", "--max-steps", "5", "--resume-anyway"], capsys)
+    assert code == 1 and len(lines) == 1
+    assert lines[0].startswith("error: training diverged at step") and f"{tmp_path}/checkpoint.pth holds step 2 " in lines[0]
     assert digest(tmp_path / "checkpoint.pth") == before
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["source"].values() if v.is_floating_point())
@@ -92,16 +110,17 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "checkpoint.pth")
 
 
-def test_wrong_or_corrupt_checkpoint_is_refused(folder, tmp_path):
-    run_script(SCRIPT, FAST + ["--data", folder, "--max-steps", "1", "--output-dir", str(tmp_path / "r18")])
+def test_wrong_or_corrupt_checkpoint_is_refused(folder, tmp_path, capsys):
+    mocov2_asym.main(FAST + ["--data", folder, "--max-steps", "1", "--output-dir", str(tmp_path / "r18")])
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     for resume, arch in ((tmp_path / "junk.pth", "resnet18"), (tmp_path / "r18" / "checkpoint.pth", "resnet34")):
-        proc = run_script(SCRIPT, FAST + ["--data", folder, "--arch", arch, "--resume", str(resume),
-                                          "--output-dir", str(tmp_path / "new")], check=False)
-        assert "cannot resume" in error_line(proc)
-    proc = run_script(SCRIPT, FAST + ["--data", folder, "--batch-size", "8", "--queue-size", "64",
-                                      "--output-dir", str(tmp_path / "r18")], check=False)
-    assert "steps per epoch" in error_line(proc)
+        assert "cannot resume" in in_process_error(FAST + ["--data", folder, "--arch", arch, "--resume", str(resume),
+                                                           "--output-dir", str(tmp_path / "new")], capsys)
+    assert not os.path.exists(tmp_path / "new" / "checkpoint.pth")
+    before = digest(tmp_path / "r18" / "checkpoint.pth")
+    assert "steps per epoch" in in_process_error(FAST + ["--data", folder, "--batch-size", "8", "--queue-size", "64",
+                                                         "--output-dir", str(tmp_path / "r18")], capsys)
+    assert digest(tmp_path / "r18" / "checkpoint.pth") == before
 
 
 def test_batch_not_divisible_by_processes(tmp_path):
@@ -110,20 +129,23 @@ def test_batch_not_divisible_by_processes(tmp_path):
     assert proc.returncode != 0 and "error: --batch-size 15 is not divisible by the 2 processes" in proc.stderr
 
 
-def test_corrupt_image_names_the_file_or_is_skipped(tmp_path):
+def test_corrupt_image_names_the_file_or_is_skipped(tmp_path, capsys):
     root = tmp_path / "data"
     small_image_folder(root, n_train=32, n_test=8)
     (root / "train" / "3" / "broken.png").write_bytes(b"\x89PNG broken")
     args = FAST + ["--data", str(root), "--max-steps", "2", "--output-dir", str(tmp_path / "run"), "--resume", "none"]
-    assert "broken.png" in error_line(run_script(SCRIPT, args + ["--batch-size", "32", "--queue-size", "64"], check=False))
-    run_script(SCRIPT, args + ["--skip-bad-images"])
+    assert "broken.png" in in_process_error(args + ["--batch-size", "32", "--queue-size", "64"], capsys)
+    mocov2_asym.main(args + ["--skip-bad-images"])
     assert len(step_losses(tmp_path / "run")) == 2
 
 
 def test_real_cifar10_images(cifar10, tmp_path):
     run_script(SCRIPT, FAST + ["--data", cifar10, "--cifar-stem", "--max-steps", "2", "--knn-every", "0",
-                               "--asym-aug", "--multicrop", "2", "--output-dir", str(tmp_path)])
+                               "--asym-aug", "--multicrop", "2", "--variance-images", "32", "--variance-views", "2",
+                               "--output-dir", str(tmp_path)])
     log = read_log(tmp_path)
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
     knn = [r["knn_top1"] for r in log if "knn_top1" in r]
     assert len(knn) == 1 and 0 <= knn[0] <= 100
+    monitor = [r for r in log if "v_source" in r]  # at the end, on 32 real test images
+    assert [r["step"] for r in monitor] == [2] and 0 < monitor[0]["v_source"] < monitor[0]["v_uniform_source"]
