@@ -144,6 +144,9 @@ def test_plot_logs_reads_any_numeric_key(tmp_path):
     lines = plot_logs.summary([str(tmp_path / "a"), str(tmp_path / "b" / "log.jsonl")], ["knn_top1", "loss"])
     assert lines[2] == "| a | knn_top1 | 2 | 1 | 25 | 25 |" and lines[3] == "| a | loss | 2 | 1 | 7.5 | 8 |"
     assert lines[4] == "| b | knn_top1 | 1 | 1 | 30 | 30 |" and lines[5] == "| b | loss | 0 | - | - | - |"
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]  # the variance panel by default where a log has the monitor's records
+    assert plot_logs.default_keys(runs) == ["knn_top1", "loss", "variance"] and plot_logs.default_keys(runs[1:]) == ["knn_top1", "loss"]
+    assert plot_logs.summary(runs[:1], ["variance"])[2:] == ["| a | v_source | 1 | 0.5 | 0.3 | 0.3 |", "| a | v_target | 0 | - | - | - |"]
 
 
 def test_plot_logs_draws_a_png_or_says_what_is_missing(tmp_path, capsys):
@@ -159,6 +162,9 @@ def test_plot_logs_draws_a_png_or_says_what_is_missing(tmp_path, capsys):
         pytest.skip("matplotlib is not installed: drawing said so; the PNG itself is not checked")
     plot_logs.main([str(tmp_path / "a"), "--keys", "knn_top1", "loss", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_log(tmp_path / "v", [{"epoch": 0.0, "v_source": 3e-3, "v_target": 2e-3}, {"epoch": 1.0, "v_source": 1e-3, "v_target": 5e-4}])
+    plot_logs.main([str(tmp_path / "v"), "--out", str(tmp_path / "variance.png")])  # the default keys: knn_top1 loss variance
+    assert (tmp_path / "variance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_kit_keeps_the_rows_of_a_command_killed_at_its_limit(tmp_path):
