@@ -20,14 +20,6 @@ import augment
 import variance
 from conftest import run_in_processes
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread, as the spawned and torchrun tests use: the in-process runs stay fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY = ["--framework", "mocov2", "--arch", "resnet18", "--image-size", "32", "--data", "synthetic",
         "--workers", "0", "--print-freq", "1000"]

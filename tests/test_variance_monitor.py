@@ -19,15 +19,6 @@ from conftest import read_log, step_losses
 from test_distributed import spawn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread, as the spawned processes use: the in-process runs stay fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # The measurement by hand
 # ---------------------------------------------------------------------------------------------
