@@ -36,9 +36,9 @@ import augment
 import mocov3_asym
 # the same pieces as the pretraining scripts (ResNet, ViT, LARS, collectives, a run that survives clusters):
 # MoCo v3's has them all
-from mocov3_asym import (LARS, RESNETS, StopSignals, Stopped, agree, autocast, changed_flags,
-                         concat_all_gather, control_group, guarded, ignore_stop_signals, init_distributed, lock_output_dir,
-                         log, non_finite, on_disk, rank, resnet_backbone, resume_path, save_atomic, world_size)
+from mocov3_asym import (LARS, RESNETS, StopSignals, Stopped, agree, autocast, concat_all_gather, control_group,
+                         guarded, ignore_stop_signals, init_distributed, lock_output_dir, log, non_finite, on_disk, rank,
+                         read_checkpoint, resnet_backbone, resume_path, save_atomic, world_size)
 
 # =============================================================================================
 # Arguments
@@ -370,26 +370,6 @@ def accuracy(backbone, head, val_loader, device, args):
 # =============================================================================================
 # Loop and checkpoint
 # =============================================================================================
-def read_checkpoint(path, args, steps_per_epoch):
-    """The probe's checkpoint at `path`, checked before anything is loaded from it: weights only, every
-    tensor finite, the same probe (flags, steps per epoch). Problems raise InputError."""
-    try:
-        ckpt = augment.load_weights(path)
-    except augment.InputError as e:
-        raise augment.InputError(f"cannot resume: {e}") from None
-    bad = non_finite(ckpt)
-    if bad:
-        raise augment.InputError(f"cannot resume from {path}: non-finite values in {len(bad)} tensors ({', '.join(bad[:3])})")
-    if ckpt["steps_per_epoch"] != steps_per_epoch:
-        raise augment.InputError(f"cannot resume from {path}: it has {ckpt['steps_per_epoch']} steps per epoch, "
-                                 f"this run {steps_per_epoch} (other --batch-size or --data?)")
-    changed = changed_flags(ckpt["args"], args)
-    if changed and not args.resume_anyway:
-        raise augment.InputError(f"cannot resume from {path}: this command changes its run ({', '.join(changed)}); "
-                                 f"pass --resume-anyway if that is intended")
-    return ckpt
-
-
 def restore(ckpt, path, head, optimizer):
     """Load the head and optimizer -> (step, best top-1)."""
     try:
