@@ -1,27 +1,26 @@
-"""Everything between an image on disk and the batch of views, shared by the six *_asym.py scripts.
+"""The views of the six *_asym.py scripts, from an image on disk to a batch, and their plumbing.
 
-The paper (Wang et al., CVPR 2022) splits a Siamese pair into a gradient-updated *source*
-encoder and a no-gradient *target* encoder, and finds that designs raising the variance of
-the encodings belong on the source (MultiCrop, ScaleMix, StrongerAug) and designs lowering
-it on the target (WeakerAug, MeanEnc; AsymBN lives in the model). This file builds the views:
+The paper (Wang et al., CVPR 2022) puts designs that raise the variance of the encodings on the
+gradient-updated *source* encoder (MultiCrop, ScaleMix, StrongerAug), those that lower it on the
+no-gradient *target* (WeakerAug, MeanEnc; AsymBN lives in the model). This file builds the views:
 
     views = Views(size=32, source_aug="stronger", target_aug="weaker", multicrop=6, ...)
     train_set = dataset("synthetic", "train", views)
     loader = DataLoader(train_set, batch_size=64, collate_fn=collate_views)
     batch, labels = next(iter(loader))  # batch["source"]: (n_s*B)x3xHxW, view-major
 
-Recipes are torchvision.transforms.v2 pipelines on uint8 tensors (one decode per image). With
---gpu-aug (Views(..., device_aug=True)) the views' colour operations run on the batch on the
-device instead: the training loop calls finish_views(batch), the identity otherwise.
-"""
+Recipes: torchvision.transforms.v2 pipelines on uint8 tensors (one decode per image); --gpu-aug
+(device_aug=True) colours the batch on the device in finish_views (else the identity)."""
+import argparse
+import contextlib
+import datetime
 import functools
-import hashlib
-import json
 import math
 import os
 import re
+import signal
 import sys
-import warnings
+import time
 
 import numpy as np
 import torch
@@ -33,9 +32,7 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# ---------------------------------------------------------------------------------------------
-# Recipes: one augmentation pipeline per view
-# ---------------------------------------------------------------------------------------------
+# ---- Recipes: one augmentation pipeline per view -------------------------------------------------
 # name -> (RandomResizedCrop min scale, ColorJitter strengths, blur p, solarize p)
 RECIPES = {
     "mocov2": (0.2, (0.4, 0.4, 0.4, 0.1), 0.5, 0.0),
@@ -43,18 +40,12 @@ RECIPES = {
     "byol2": (0.08, (0.4, 0.4, 0.2, 0.1), 0.1, 0.2),  # BYOL's view 2
     "simclr": (0.08, (0.8, 0.8, 0.8, 0.2), 0.5, 0.0),
 }
-# The view pair each framework uses by default (source view, target view).
-FRAMEWORK_RECIPES = {
-    "mocov2": ("mocov2", "mocov2"),
-    "simsiam": ("mocov2", "mocov2"),
-    "byol": ("byol1", "byol2"),
-    "mocov3": ("byol1", "byol2"),
-    "barlow": ("byol1", "byol2"),
-    "simclr": ("simclr", "simclr"),
-}
-# Every RandomResizedCrop of a framework (standard, MultiCrop's small crops, WeakerAug, --gpu-aug)
-# resamples as its paper: bicubic in BYOL and Barlow Twins, bilinear (torchvision's default) in
-# MoCo v2/v3, SimSiam and SimCLR.
+# Each framework's default view pair: (source recipe, target recipe).
+FRAMEWORK_RECIPES = {"mocov2": ("mocov2", "mocov2"), "simsiam": ("mocov2", "mocov2"),
+                     "byol": ("byol1", "byol2"), "mocov3": ("byol1", "byol2"),
+                     "barlow": ("byol1", "byol2"), "simclr": ("simclr", "simclr")}
+# Every RandomResizedCrop of a framework (standard, MultiCrop, WeakerAug, --gpu-aug) resamples as
+# its paper: bicubic in BYOL and Barlow Twins, bilinear (torchvision's default) in the others.
 FRAMEWORK_INTERPOLATION = {"mocov2": "bilinear", "simsiam": "bilinear", "mocov3": "bilinear",
                            "simclr": "bilinear", "byol": "bicubic", "barlow": "bicubic"}
 JITTER_P, GRAY_P = 0.8, 0.2  # every recipe: ColorJitter applied with p 0.8, grayscale with p 0.2
@@ -68,16 +59,13 @@ def small_crop_size(size):
 
 
 def blur_kernel(size):
-    """Odd Gaussian-blur kernel of about 10% of the image (23 px at 224); no blur below 64 px,
-    as in the small-data recipes (blurring a 32 px image mostly destroys it)."""
+    """Odd blur kernel, ~10% of the image (23 px at 224); none below 64 px (small-data recipes)."""
     return 0 if size < 64 else int(0.1 * size) // 2 * 2 + 1
 
 
 class GaussianBlur(torch.nn.Module):
-    """Gaussian blur of a uint8 3xHxW image, sigma ~ U(0.1, 2) px, done by PIL as in the official
-    MoCo v2 / SimSiam code. It is several times faster on a CPU than torchvision's tensor blur with
-    blur_kernel(224) = 23 taps (benchmarks/dataloader.py), and matches it to within about one grey
-    level (PIL approximates the Gaussian by box blurs; tests/test_augment.py)."""
+    """PIL's blur of uint8 3xHxW, sigma ~ U(0.1, 2) px, as MoCo v2 / SimSiam: several times faster
+    on CPU than torchvision's 23-tap tensor blur, a grey level off at most (benchmarks/, tests/)."""
 
     def __init__(self, sigma=(0.1, 2.0)):
         super().__init__()
@@ -85,27 +73,23 @@ class GaussianBlur(torch.nn.Module):
 
     def forward(self, image):
         sigma = torch.empty(1).uniform_(*self.sigma).item()  # the torch RNG: seeded per sample
-        blurred = Image.fromarray(image.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(sigma))
+        blurred = Image.fromarray(image.permute(1, 2, 0).numpy()).filter(
+            ImageFilter.GaussianBlur(sigma))
         return torch.from_numpy(np.array(blurred)).permute(2, 0, 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# StrongerAug's RandAugment: the official code's timm rand_augment_transform("rand-m10-n2-mstd0.5")
-# ---------------------------------------------------------------------------------------------
-# Two ops per image, drawn uniformly with replacement from RA_OPS; each is applied with p 0.5 at
-# a magnitude m ~ N(10, 0.5) clipped to [0, 10], i.e. at level l = m / 10 (m10 is timm's maximum,
-# not a third of torchvision's range). Every op reproduces PIL's, as timm calls it, on uint8
-# CxHxW tensors, to the bit: invert, posterize, solarize, equalize, brightness and sharpness are
-# torchvision's v2 ops (equal to PIL's); colour, contrast and autocontrast follow PIL's rounding
-# (torchvision's are a grey level off on up to half the pixels); the geometric ops call PIL itself
-# (pil_geometric: torchvision's affine blends the fill into the border and uses another cubic). The
-# randomness comes from the torch RNG, which SeededDataset seeds per sample, drawn in
-# timm's order: the ops, then per op its p, magnitude, sign and resampling.
+# ---- StrongerAug's RandAugment -------------------------------------------------------------------
+# The official code's timm rand_augment_transform("rand-m10-n2-mstd0.5").
+# Two ops, magnitude m ~ N(10, 0.5), level m / 10 (m10: timm's maximum, not a third of
+# torchvision's range). Each op is PIL's (as timm calls it) to the bit: invert, posterize, solarize,
+# equalize, brightness, sharpness are torchvision's v2 ops; colour, contrast, autocontrast follow
+# PIL's rounding (torchvision's are a grey level off on up to half the pixels); geometric ops call
+# PIL. Draws: the torch RNG (seeded per sample), in timm's order: ops, p, magnitude, sign, resample.
 RA_FILL = 128  # timm's grey fill (128, 128, 128) for the geometric ops
 
 
 def pil_grayscale(x):
-    """uint8 3xHxW -> int32 1xHxW luma as PIL's convert("L"): ITU-R 601-2 in 16-bit fixed point, rounded."""
+    """uint8 3xHxW -> int32 1xHxW luma as PIL's convert("L") (ITU-R 601-2, fixed point, rounded)."""
     r, g, b = x.int().unbind(-3)
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(-3)
 
@@ -129,17 +113,16 @@ def pil_contrast(x, factor):
 
 
 def pil_autocontrast(x):
-    """ImageOps.autocontrast: each channel's [lo, hi] stretched to [0, 255] by PIL's table,
-    int(i * scale + offset), scale = 255 / (hi - lo), offset = -lo * scale, in Python floats (float64,
-    as PIL: torch's scalar / tensor is a reciprocal and a product, off by one ulp); a flat channel is
-    left alone."""
+    """ImageOps.autocontrast: channel [lo, hi] -> [0, 255] by int(i * scale + -lo * scale), scale =
+    255 / (hi - lo), in float64 as PIL (torch's scalar / tensor is an ulp off); flat ones kept."""
     tables = []
     for lo, hi in zip(x.amin((-2, -1)).tolist(), x.amax((-2, -1)).tolist()):
         if hi <= lo:
             tables.append(torch.arange(256, dtype=torch.float64))
             continue
         scale = 255.0 / (hi - lo)
-        tables.append((torch.arange(256, dtype=torch.float64) * scale + -lo * scale).trunc().clamp(0, 255))
+        tables.append((torch.arange(256, dtype=torch.float64) * scale + -lo * scale).trunc()
+                      .clamp(0, 255))
     return torch.stack(tables).to(torch.uint8).gather(1, x.flatten(-2).long()).view_as(x)
 
 
@@ -152,25 +135,23 @@ PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 def pil_geometric(x, transform):
-    """A geometric op done by PIL itself, as timm does (and as GaussianBlur here): uint8 3xHxW -> PIL
-    image -> transform(image) -> uint8 3xHxW. torchvision's affine differs from PIL's in the border
-    pixels (it blends the fill in), the bicubic kernel (a = -0.75, PIL's -1) and rounding; calling
-    PIL is exact and about 4x faster than a tensor resampler that matches it to the bit."""
+    """uint8 3xHxW -> transform(PIL image) -> uint8, as timm; torchvision's affine differs (fill
+    blended into the border, bicubic a = -0.75, not -1, rounding); PIL: exact, 4x faster."""
     image = transform(Image.fromarray(x.permute(1, 2, 0).numpy()))
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def pil_affine(x, matrix, resample, fill=RA_FILL):
-    """PIL's Image.transform(size, AFFINE, matrix, resample, fillcolor=grey): output pixel (x, y), in
-    pixel-edge coordinates, samples the input at (a x + b y + c, d x + e y + f), so a shear turns
-    about the top-left corner, as in timm."""
-    return pil_geometric(x, lambda image: image.transform(image.size, Image.AFFINE, matrix, PIL_RESAMPLE[resample],
-                                                          fillcolor=(fill,) * 3))
+    """PIL's Image.transform(size, AFFINE, matrix, resample, fillcolor=grey): pixel (x, y) (edge
+    coordinates) samples (a x + b y + c, d x + e y + f): a shear turns about the top-left corner."""
+    return pil_geometric(x, lambda image: image.transform(
+        image.size, Image.AFFINE, matrix, PIL_RESAMPLE[resample], fillcolor=(fill,) * 3))
 
 
 def pil_rotate(x, degrees, resample, fill=RA_FILL):
     """PIL's Image.rotate(degrees, resample, fillcolor=grey): counter-clockwise about the centre."""
-    return pil_geometric(x, lambda image: image.rotate(degrees, resample=PIL_RESAMPLE[resample], fillcolor=(fill,) * 3))
+    return pil_geometric(x, lambda image: image.rotate(degrees, resample=PIL_RESAMPLE[resample],
+                                                       fillcolor=(fill,) * 3))
 
 
 # name -> (level l in [0, 1] -> argument, whether the argument's sign flips with p 0.5), as timm's
@@ -197,45 +178,35 @@ RA_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 def ra_apply(x, name, argument=None, resample="bilinear"):
     """One RandAugment op with its argument (RA_ARGUMENTS) on uint8 3xHxW, as timm calls PIL."""
     height, width = x.shape[-2:]
-    if name == "AutoContrast":
-        return pil_autocontrast(x)
-    if name == "Equalize":
-        return v2.functional.equalize(x)
-    if name == "Invert":
-        return v2.functional.invert(x)
-    if name == "Posterize":  # 0 bits (level < 0.25: m is 15 standard deviations below 10) give black
-        return v2.functional.posterize(x, argument)
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return {"AutoContrast": pil_autocontrast, "Equalize": v2.functional.equalize,
+                "Invert": v2.functional.invert}[name](x)
     if name == "Solarize":  # inverts the pixels >= threshold: none at 256
         return x if argument > 255 else v2.functional.solarize(x, argument)
-    if name == "SolarizeAdd":
-        return solarize_add(x, argument)
-    if name == "Color":
-        return pil_color(x, argument)
-    if name == "Contrast":
-        return pil_contrast(x, argument)
-    if name == "Brightness":
-        return v2.functional.adjust_brightness(x, argument)
-    if name == "Sharpness":  # PIL's SMOOTH kernel, border pixels kept
-        return v2.functional.adjust_sharpness(x, argument)
     if name == "Rotate":
         return pil_rotate(x, argument, resample)
-    matrix = {"ShearX": (1, argument, 0, 0, 1, 0), "ShearY": (1, 0, 0, argument, 1, 0),
-              "TranslateXRel": (1, 0, argument * width, 0, 1, 0),
-              "TranslateYRel": (1, 0, 0, 0, 1, argument * height)}[name]
-    return pil_affine(x, matrix, resample)
+    if name in RA_GEOMETRIC:  # shears and translations
+        matrix = {"ShearX": (1, argument, 0, 0, 1, 0), "ShearY": (1, 0, 0, argument, 1, 0),
+                  "TranslateXRel": (1, 0, argument * width, 0, 1, 0),
+                  "TranslateYRel": (1, 0, 0, 0, 1, argument * height)}[name]
+        return pil_affine(x, matrix, resample)
+    # Posterize: 0 bits (level < 0.25: m 15 standard deviations below 10) give black; Sharpness:
+    # PIL's SMOOTH kernel, border pixels kept
+    return {"Posterize": v2.functional.posterize, "SolarizeAdd": solarize_add, "Color": pil_color,
+            "Contrast": pil_contrast, "Brightness": v2.functional.adjust_brightness,
+            "Sharpness": v2.functional.adjust_sharpness}[name](x, argument)
 
 
 class RandAugment(torch.nn.Module):
-    """timm's RandAugment "rand-m10-n2-mstd0.5" (the asymmetry paper's StrongerAug) on uint8 3xHxW.
-
-    num_ops ops drawn uniformly with replacement from RA_OPS; each applied with probability p at
-    magnitude m ~ N(magnitude, magnitude_std) clipped to [0, 10]; geometric ops fill with grey
-    128 and resample bilinear or bicubic at random. About a quarter of the images pass unchanged
-    (each op is skipped with p 0.5, and Solarize at m 10 inverts nothing)."""
+    """timm's RandAugment (StrongerAug): num_ops ops drawn uniformly with replacement from RA_OPS,
+    each applied with probability p at magnitude m ~ N(magnitude, magnitude_std) clipped to [0, 10];
+    geometric ops fill grey 128 and resample bilinear or bicubic at random. About 30% of the images
+    pass unchanged (each op is skipped with p 0.5; Solarize at m 10 inverts nothing)."""
 
     def __init__(self, num_ops=2, magnitude=10.0, magnitude_std=0.5, p=0.5):
         super().__init__()
-        self.num_ops, self.magnitude, self.magnitude_std, self.p = num_ops, magnitude, magnitude_std, p
+        self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
+        self.p = p
 
     def draw(self):
         """The random part: [(op name, argument, resampling)] of the ops applied to one image."""
@@ -260,24 +231,20 @@ class RandAugment(torch.nn.Module):
             image = ra_apply(image, name, argument, resample)
         return image
 
-    def extra_repr(self):
-        return f"num_ops={self.num_ops}, magnitude={self.magnitude}, magnitude_std={self.magnitude_std}, p={self.p}"
-
 
 def random_resized_crop(size, scale, interpolation):
-    """RandomResizedCrop resampling with interpolation "bilinear" or "bicubic" (antialiased when shrinking)."""
-    return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode(interpolation), antialias=True)
+    """RandomResizedCrop resampling "bilinear" or "bicubic" (antialiased when shrinking)."""
+    return v2.RandomResizedCrop(size, scale=scale,
+                                interpolation=v2.InterpolationMode(interpolation), antialias=True)
 
 
-def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False, interpolation="bilinear"):
-    """One augmented view of a uint8 CxHxW image -> normalised float CxSxS.
-
-    recipe: a RECIPES name, or "weaker" (WeakerAug: RandomResizedCrop(0.08, 1) + flip only).
-    randaugment: StrongerAug = the recipe + RandAugment (timm's rand-m10-n2-mstd0.5) after the flip.
-    scale: overrides the recipe's crop scale range (MultiCrop: (0.14, 1) and (0.05, 0.14)).
-    device_aug (--gpu-aug): -> (uint8 CxSxS, parameters) for finish_views; see DeviceAugView.
-    interpolation: the crop's resampling, "bilinear" or "bicubic" (FRAMEWORK_INTERPOLATION).
-    """
+def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False,
+                   interpolation="bilinear"):
+    """One view of a uint8 CxHxW image -> normalised float CxSxS. recipe: a RECIPES name or "weaker"
+    (WeakerAug: RandomResizedCrop(0.08, 1) + flip). randaugment: StrongerAug = the recipe +
+    RandAugment after the flip. scale: overrides the recipe's crop scales (MultiCrop: (0.14, 1),
+    (0.05, 0.14)). device_aug (--gpu-aug): -> (uint8 CxSxS, parameters) for finish_views
+    (DeviceAugView). interpolation: the crop's resampling (FRAMEWORK_INTERPOLATION)."""
     if device_aug and not randaugment and recipe != "weaker":
         return DeviceAugView(recipe, size, scale, interpolation)
     if recipe == "weaker":
@@ -286,11 +253,8 @@ def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False
     else:
         default_min, jitter, blur_p, solarize_p = RECIPES[recipe]
         scale = scale or (default_min, 1.0)
-        ops = [
-            random_resized_crop(size, scale, interpolation),
-            v2.RandomApply([v2.ColorJitter(*jitter)], p=JITTER_P),
-            v2.RandomGrayscale(p=GRAY_P),
-        ]
+        ops = [random_resized_crop(size, scale, interpolation),
+               v2.RandomApply([v2.ColorJitter(*jitter)], p=JITTER_P), v2.RandomGrayscale(p=GRAY_P)]
         if blur_kernel(size) and blur_p > 0:
             ops.append(v2.RandomApply([GaussianBlur(sigma=(0.1, 2.0))], p=blur_p))
         if solarize_p > 0:
@@ -305,26 +269,22 @@ def view_transform(recipe, size, scale=None, randaugment=False, device_aug=False
 
 
 def eval_transform(size):
-    """Center view for kNN and probes: resize to size/0.875 and center-crop (ImageNet: 256 -> 224);
-    images of 64 px and less are used whole (resize shorter side to size, center-crop)."""
+    """Center view (kNN, probes): resize to size/0.875 (256 -> 224; <= 64 px: size), center-crop."""
     resize = size if size <= 64 else round(size * 256 / 224)
-    return v2.Compose([
-        v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-# ---------------------------------------------------------------------------------------------
-# ScaleMix (source): mix two views of one image by a box of random scale
-# ---------------------------------------------------------------------------------------------
+# ---- ScaleMix (source): mix two views of one image by a box of random scale ----------------------
 # +-----------------------------------------------------------------------------------------+
 # | ScaleMix raises the source's variance: a box of the second view, of random size and     |
 # | position, pastes a differently scaled crop into the first. It yields one standard-size |
 # | view and, unlike CutMix, mixes no labels (there are none).                              |
 # +-----------------------------------------------------------------------------------------+
 def scalemix_box(height, width, lam, center_y, center_x):
-    """Box (top, bottom, left, right) of sides sqrt(1-lam)*(H, W) around (center_y, center_x),
-    clipped to the image. Heights go with rows, widths with columns (the official code swaps them)."""
+    """Box (top, bottom, left, right) of sides sqrt(1-lam)*(H, W) about (center_y, center_x),
+    clipped; heights go with rows, widths with columns (the official code swaps them)."""
     cut = math.sqrt(1.0 - lam)
     half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
     top, bottom = max(center_y - half_h, 0), min(center_y + half_h, height)
@@ -347,17 +307,12 @@ def scalemix(x1, x2):
     return mixed
 
 
-# ---------------------------------------------------------------------------------------------
-# --gpu-aug: the photometric half of each view, batched on the device
-# ---------------------------------------------------------------------------------------------
-# A view is geometry (crop, flip: needs the decoded image) then colour (jitter, grayscale, blur,
-# solarize: per pixel or local). With --gpu-aug a data worker does the geometry and draws every
-# random parameter, with the very draws of the CPU recipe, and finish_views applies the colour
-# to the whole batch on the device. The views per image, their seeds and their statistics are
-# the CPU path's; pixel values differ by the CPU path's rounding to uint8 after each operation,
-# and the blur is a 13-tap Gaussian (3 sigma at sigma 2) instead of PIL's box approximation.
-# The worker may flip before the colour: per-pixel operations and a symmetric blur commute with
-# it. StrongerAug's RandAugment (after the colour, on uint8 images) stays on the worker.
+# ---- --gpu-aug: the photometric half of each view, batched on the device -------------------------
+# A view is geometry (crop, flip: needs the decoded image), then colour (per pixel or local, so it
+# commutes with the flip). A worker does the geometry and draws every parameter as the CPU recipe
+# does; finish_views colours the device batch. Views, seeds, statistics: the CPU path's; pixels
+# differ by its uint8 rounding after each op and the blur (13 taps: 3 sigma at 2; not PIL's boxes).
+# StrongerAug's RandAugment (after the colour, on uint8) stays on the worker.
 PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue",
           "order0", "order1", "order2", "order3", "gray", "sigma", "solarize")
 IDENTITY_PARAMS = (0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0)
@@ -365,16 +320,14 @@ BLUR_TAPS = 13
 
 
 class DeviceAugView:
-    """The worker's half of a recipe view: uint8 image -> (cropped, flipped uint8 CxSxS, the
-    photometric parameters PARAMS as a float tensor), drawing the random numbers in the order and
-    number of view_transform's pipeline (RandomApply and the _RandomApply transforms draw
-    torch.rand(1) against p; ColorJitter draws its order and factors itself)."""
+    """A worker's half of a recipe view: uint8 image -> (cropped, flipped uint8 CxSxS, float
+    PARAMS), with view_transform's draws in order and number (RandomApply: torch.rand(1) < p)."""
 
     def __init__(self, recipe, size, scale=None, interpolation="bilinear"):
         default_min, jitter, self.blur_p, self.solarize_p = RECIPES[recipe]
         self.crop = random_resized_crop(size, scale or (default_min, 1.0), interpolation)
         self.jitter = v2.ColorJitter(*jitter)
-        self.blur_p = self.blur_p if blur_kernel(size) else 0.0  # as view_transform: no blur below 64 px
+        self.blur_p = self.blur_p if blur_kernel(size) else 0.0  # as view_transform: none < 64 px
         self.flip = v2.RandomHorizontalFlip()
 
     def __call__(self, image):
@@ -382,8 +335,8 @@ class DeviceAugView:
         p = dict(zip(PARAMS, IDENTITY_PARAMS))
         if torch.rand(1) < JITTER_P:
             jitter = self.jitter.make_params([])
-            p.update({name: jitter[name + "_factor"] for name in ("brightness", "contrast", "saturation", "hue")
-                      if jitter[name + "_factor"] is not None}, jitter=1.0)  # a None factor: the identity
+            p.update({name: jitter[name + "_factor"] for name in PARAMS[1:5]  # brightness..hue
+                      if jitter[name + "_factor"] is not None}, jitter=1.0)  # None: the identity
             p.update({f"order{i}": float(op) for i, op in enumerate(jitter["fn_idx"])})
         p["gray"] = float(torch.rand(1) < GRAY_P)
         if self.blur_p > 0 and torch.rand(1) < self.blur_p:
@@ -394,7 +347,7 @@ class DeviceAugView:
 
 
 class FinishedOnWorker:
-    """A view the worker finishes itself (WeakerAug, StrongerAug) -> (uint8 view, identity parameters)."""
+    """A view the worker finishes (WeakerAug, StrongerAug) -> (uint8 view, identity parameters)."""
 
     def __init__(self, transform):
         self.transform = transform
@@ -422,21 +375,23 @@ def adjust_hue(x, shift):
     chroma = value - low
     saturation = torch.where(value > 0, chroma / value.clamp(min=1e-12), 0.0)
     c = chroma.clamp(min=1e-12)
-    hue = torch.where(value == r, (g - b) / c, torch.where(value == g, 2 + (b - r) / c, 4 + (r - g) / c))
+    hue = torch.where(value == r, (g - b) / c,
+                      torch.where(value == g, 2 + (b - r) / c, 4 + (r - g) / c))
     hue = (torch.where(chroma > 0, hue, 0.0) / 6 + shift.view(-1, 1, 1)) % 1.0
-    # back to RGB: channel = value - value * saturation * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6, n = 5, 3, 1
-    n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # made on the device: no copy
+    # to RGB: value - value saturation clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) % 6, n = 5, 3, 1
+    n = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # no host copy
     k = (n + 6 * hue.unsqueeze(1)) % 6
-    return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+    return value.unsqueeze(1) - ((value * saturation).unsqueeze(1)
+                                 * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def gaussian_blur(x, sigma):
     """Nx3xHxW, sigma N -> each image blurred by its own separable BLUR_TAPS-tap Gaussian (reflect
-    padding, as torchvision's gaussian_blur); one grouped convolution per axis for the whole batch."""
+    padding, as torchvision's gaussian_blur), one grouped convolution per axis for the batch."""
     n, c, h, w = x.shape
     t = torch.arange(BLUR_TAPS, device=x.device, dtype=x.dtype) - BLUR_TAPS // 2
     kernel = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6).unsqueeze(1)) ** 2)  # N x taps
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C) x taps: one per channel
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C) x taps
     y = F.pad(x.reshape(1, n * c, h, w), [BLUR_TAPS // 2] * 4, mode="reflect")
     y = F.conv2d(y, kernel.view(n * c, 1, 1, BLUR_TAPS), groups=n * c)  # along rows
     y = F.conv2d(y, kernel.view(n * c, 1, BLUR_TAPS, 1), groups=n * c)  # along columns
@@ -444,12 +399,11 @@ def gaussian_blur(x, sigma):
 
 
 def photometric(x, params):
-    """Nx3xHxW floats in [0, 1] and NxP parameters (PARAMS) -> the views after ColorJitter (its four
-    operations in each image's own order), RandomGrayscale, GaussianBlur and RandomSolarize.
-    Every operation runs on the whole batch and is kept where its image drew it (torch.where):
-    no data-dependent shapes, so no host-device synchronisation."""
+    """Nx3xHxW in [0, 1], NxP PARAMS -> ColorJitter (each image's op order), RandomGrayscale,
+    GaussianBlur, RandomSolarize, batched, kept where drawn (torch.where): no host-device sync."""
     p = dict(zip(PARAMS, params.to(x.dtype).unbind(1)))
-    selected = {name: (p[name] > 0).view(-1, 1, 1, 1) for name in ("jitter", "gray", "sigma", "solarize")}
+    selected = {name: (p[name] > 0).view(-1, 1, 1, 1)
+                for name in ("jitter", "gray", "sigma", "solarize")}
     operations = (lambda x: blend(x, 0.0, p["brightness"]),
                   lambda x: blend(x, grayscale(x).mean((1, 2, 3), keepdim=True), p["contrast"]),
                   lambda x: blend(x, grayscale(x), p["saturation"]),
@@ -465,8 +419,7 @@ def photometric(x, params):
 
 
 def paste_boxes(x1, x2, boxes):
-    """ScaleMix on a batch: NxCxHxW views x1, x2 and N boxes (top, bottom, left, right) -> x1 with
-    each box taken from x2 (scalemix, batched)."""
+    """Batched scalemix: NxCxHxW x1, x2, N boxes (top, bottom, left, right) -> x1, boxes from x2."""
     rows = torch.arange(x1.shape[-2], device=x1.device).view(1, -1, 1)
     cols = torch.arange(x1.shape[-1], device=x1.device).view(1, 1, -1)
     top, bottom, left, right = (b.view(-1, 1, 1) for b in boxes.unbind(1))
@@ -476,15 +429,14 @@ def paste_boxes(x1, x2, boxes):
 
 @functools.lru_cache(maxsize=None)
 def imagenet_mean_std(device):
-    """1x3x1x1 ImageNet mean and std on `device`, made once: a copy from the host every step would
-    make the host wait for the GPU's queue."""
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    """1x3x1x1 ImageNet mean, std on `device`, made once: a copy per step would wait for the GPU."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def finish_views(batch):
-    """The device's half of --gpu-aug: uint8 views -> photometric (with the workers' parameters),
-    float, ImageNet normalisation, ScaleMix's boxes. Views that arrive finished (float: no
-    --gpu-aug) pass through unchanged, so the training loop calls this either way."""
+    """The device's half of --gpu-aug: uint8 views -> photometric (the workers' parameters), float,
+    ImageNet normalisation, ScaleMix's boxes. Float views (no --gpu-aug) pass unchanged."""
     finished = {}
     for kind, x in batch.items():
         if kind.endswith(("_params", "_box")):
@@ -499,46 +451,38 @@ def finish_views(batch):
     return finished
 
 
-# ---------------------------------------------------------------------------------------------
-# Views: the source views and the target views of one image
-# ---------------------------------------------------------------------------------------------
+# ---- Views: the source views and the target views of one image -----------------------------------
 class Views:
-    """Image -> {"source": n_s x 3xSxS, "target": n_t x 3xSxS, and where MultiCrop is placed,
-    "source_small" / "target_small": m x 3xsxs}.
-
-    framework: which recipe pair is the "default" augmentation (FRAMEWORK_RECIPES), and the crops'
-    interpolation (FRAMEWORK_INTERPOLATION).
-    source_aug / target_aug: "weaker" | "default" | "stronger" (AsymAug = stronger/weaker).
-    n_source / n_target: standard views per encoder (MeanEnc averages the n_t target encodings).
-    multicrop: m small crops, placed on multicrop_on ("source" | "target" | "both"); they take the
-    framework's default recipe whatever source_aug / target_aug are, and the standard crops (not
-    WeakerAug's) then start at scale 0.14.
-    scalemix_on: None | "source" | "target" | "both": those standard views are ScaleMix views.
-    crop_min: the recipes' RandomResizedCrop min scale for the standard views, where it differs
-    (MoCo v3's ResNet: 0.2); WeakerAug and MultiCrop keep their own.
-    device_aug (--gpu-aug): views stay uint8 before their colour operations, and each kind k comes
-    with "k_params" (the parameters, PARAMS) and, for ScaleMix, both views of each pair and "k_box";
-    finish_views completes them on the device.
-    """
+    """Image -> {"source": n_s x 3xSxS, "target": n_t x 3xSxS, and where MultiCrop is,
+    "source_small" / "target_small": m x 3xsxs}. framework: the "default" recipe pair
+    (FRAMEWORK_RECIPES), the crops' interpolation. source_aug / target_aug: "weaker" | "default" |
+    "stronger" (AsymAug = stronger/weaker). n_source / n_target: standard views per encoder (MeanEnc
+    averages the n_t target encodings). multicrop: m small crops on multicrop_on ("source" |
+    "target" | "both"), of the default recipe whatever the aug; standard crops (not WeakerAug's)
+    then start at 0.14. scalemix_on: None | "source" | "target" | "both": those standard views are
+    ScaleMix views. crop_min: the standard crops' min scale if not the recipe's (MoCo v3's ResNet:
+    0.2). device_aug (--gpu-aug): views stay uint8 before the colour; kind k comes with "k_params"
+    (PARAMS) and, for ScaleMix, both views of each pair and "k_box", for finish_views."""
 
     def __init__(self, size, framework="mocov2", source_aug="default", target_aug="default",
-                 n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None, crop_min=None,
-                 device_aug=False):
+                 n_source=1, n_target=1, multicrop=0, multicrop_on="source", scalemix_on=None,
+                 crop_min=None, device_aug=False):
         self.n_source, self.n_target, self.scalemix_on = n_source, n_target, scalemix_on
         self.multicrop, self.multicrop_on, self.device_aug = multicrop, multicrop_on, device_aug
         self.interpolation = FRAMEWORK_INTERPOLATION[framework]
-        self.recipes = {}  # kind -> (recipe, view size, crop scale or None for the recipe's own, StrongerAug)
-        for encoder, aug, default in zip(("source", "target"), (source_aug, target_aug), FRAMEWORK_RECIPES[framework]):
+        self.recipes = {}  # kind -> (recipe, size, crop scale (None: the recipe's), StrongerAug)
+        for encoder, aug, default in zip(("source", "target"), (source_aug, target_aug),
+                                         FRAMEWORK_RECIPES[framework]):
             recipe = "weaker" if aug == "weaker" else default
-            standard_scale = None  # the recipe's own; WeakerAug keeps (0.08, 1) with or without MultiCrop
-            if recipe != "weaker" and (multicrop or crop_min):  # MultiCrop: the small crops get the smallest scales
+            standard_scale = None  # the recipe's; WeakerAug keeps (0.08, 1), MultiCrop or not
+            if recipe != "weaker" and (multicrop or crop_min):  # MultiCrop: small crops get <0.14
                 standard_scale = (MULTICROP_SCALE[1] if multicrop else crop_min, 1.0)
             self.recipes[encoder] = (recipe, size, standard_scale, aug == "stronger")
-            # MultiCrop's small crops: the framework's default recipe (the official augmentation_mini)
-            # whatever the encoder's: no RandAugment under StrongerAug, the colour ops under WeakerAug
-            self.recipes[encoder + "_small"] = (default, small_crop_size(size), MULTICROP_SCALE, False)
-        self.transforms = {kind: view_transform(recipe, size, scale, stronger, device_aug, self.interpolation)
-                           for kind, (recipe, size, scale, stronger) in self.recipes.items()}
+            # small crops: the default recipe (the official augmentation_mini) whatever the aug
+            self.recipes[encoder + "_small"] = (default, small_crop_size(size),
+                                                MULTICROP_SCALE, False)
+        self.transforms = {kind: view_transform(*recipe, device_aug, self.interpolation)
+                           for kind, recipe in self.recipes.items()}
 
     def counts(self):
         """kind -> views of that kind per image."""
@@ -548,11 +492,12 @@ class Views:
         return counts
 
     def _views(self, kind, image, n):
-        """n views of one kind -> {kind: n x 3xSxS} (and, with device_aug, {kind + "_params": n x P})."""
+        """n views of one kind -> {kind: n x 3xSxS} (device_aug: also kind + "_params": n x P)."""
         t = self.transforms[kind]
         mix = kind in ("source", "target") and self.scalemix_on in (kind, "both")
         if not self.device_aug:
-            return {kind: torch.stack([scalemix(t(image), t(image)) if mix else t(image) for _ in range(n)])}
+            return {kind: torch.stack([scalemix(t(image), t(image)) if mix else t(image)
+                                       for _ in range(n)])}
         views, params, boxes = [[], []], [[], []], []
         for _ in range(n):  # the draws of the CPU path, in its order: view 1, view 2, then the box
             for pair in range(1 + mix):
@@ -561,14 +506,16 @@ class Views:
                 params[pair].append(p)
             if mix:
                 boxes.append(torch.tensor(random_scalemix_box(*views[0][-1].shape[-2:])))
-        out = {kind: torch.stack(views[0] + views[1]), kind + "_params": torch.stack(params[0] + params[1])}
-        if mix:  # all first views, then all second views: finish_views pastes boxes from the second half
+        out = {kind: torch.stack(views[0] + views[1]),
+               kind + "_params": torch.stack(params[0] + params[1])}
+        if mix:  # all first views, then all second ones: finish_views pastes from the second half
             out[kind + "_box"] = torch.stack(boxes)
         return out
 
     def __call__(self, image):
         image = v2.functional.pil_to_tensor(image) if isinstance(image, Image.Image) else image
-        return {k: v for kind, n in self.counts().items() for k, v in self._views(kind, image, n).items()}
+        return {k: v for kind, n in self.counts().items()
+                for k, v in self._views(kind, image, n).items()}
 
 
 def collate_views(samples):
@@ -579,64 +526,21 @@ def collate_views(samples):
     return batch, torch.tensor([label for _, label in samples])
 
 
-# ---------------------------------------------------------------------------------------------
-# The paper's variance reference (Fig. 2): how much the encodings of one image spread over its views
-# ---------------------------------------------------------------------------------------------
-# variance.py (a checkpoint, any design) and the scripts' variance monitor (asymmetry_variance:
-# the run's own source and target, while it trains) both measure it with these.
+# ---- The paper's variance reference (Fig. 2) -----------------------------------------------------
+# How much the encodings of one image spread over its views: variance.py (a checkpoint) and the
+# scripts' variance monitor (asymmetry_variance, live).
 def intra_sample_variance(z):
-    """K x N x D encodings of N images (K each) -> N: the variance over the K l2-normalised
-    encodings (population, /K), averaged over the D dimensions = (1 - ||mean||^2) / D."""
+    """KxNxD encodings (K of N images each) -> N: the population variance (/K) of the K
+    l2-normalised encodings averaged over the D dimensions, (1 - ||mean||^2) / D."""
     return F.normalize(z.float(), dim=-1).var(0, unbiased=False).mean(-1)
 
 
 def uniform_reference(k, d):
-    """The variance of K encodings drawn uniformly on the sphere in d dimensions: E||mean of K unit
-    vectors||^2 = 1/K, so (1 - 1/K)/d (1/d only as K grows)."""
+    """Variance of K encodings uniform on the d-sphere: E||mean||^2 = 1/K, so (1 - 1/K)/d."""
     return (1 - 1 / k) / d
 
 
-class Draws(torch.utils.data.Dataset):
-    """Item i * r + j: image i of `base` (with its label) for the j-th of r draws of its views.
-    Wrapped in a SeededDataset, each draw is seeded by its own item: the same views at every pass
-    (the variance monitor's probe set: a change over training is the encoder's, not the views')."""
-
-    def __init__(self, base, r):
-        self.base, self.r = base, r
-
-    def __len__(self):
-        return len(self.base) * self.r
-
-    def __getitem__(self, item):
-        return self.base[item // self.r]
-
-
-class Replay:
-    """A loader whose batches are the same at every pass (seeded views of fixed images): after a
-    first pass whose views fit in max_bytes, later passes replay them without decoding or
-    augmenting again (the variance monitor's probe at 32 px: about 50 MB); a larger one is loaded
-    again at every pass."""
-
-    def __init__(self, loader, max_bytes=256 * 2**20):
-        self.loader, self.max_bytes, self.batches = loader, max_bytes, None
-
-    def __iter__(self):
-        if self.batches is not None:
-            yield from self.batches
-            return
-        kept, size = [], 0
-        for batch in self.loader:
-            size += sum(x.numel() * x.element_size() for x in batch[0].values())
-            if size <= self.max_bytes:
-                kept.append(batch)
-            yield batch
-        if size <= self.max_bytes:  # a whole pass, and it fits
-            self.batches = kept
-
-
-# ---------------------------------------------------------------------------------------------
-# Data sets: ImageFolder roots, torchvision names, and a built-in synthetic one
-# ---------------------------------------------------------------------------------------------
+# ---- Data sets: ImageFolder roots, torchvision names, and a built-in synthetic one ---------------
 class InputError(ValueError):
     """Bad user input (data, sizes, checkpoint): reported as one line before work starts."""
 
@@ -645,36 +549,36 @@ _warned = set()
 
 
 def warn(message):
-    """One line 'warning: ...' on stderr, once per message and process, from rank 0 only where
-    torch.distributed runs."""
-    if message in _warned or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+    """One line 'warning: ...' on stderr, once per message and process, on rank 0 only."""
+    if message in _warned or rank() != 0:
         return
     _warned.add(message)
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def load_weights(path):
-    """torch.load(path, weights_only=True) onto the CPU. A file it cannot or will not read raises
-    InputError in one line: for a refused pickle, the first object that is not a tensor or a plain
-    container (e.g. GLOBAL posix.system) and what to do, instead of torch's advice."""
+    """torch.load(path, weights_only=True) onto the CPU; a bad file raises a one-line InputError (a
+    refused pickle: its first non-tensor object, e.g. GLOBAL posix.system, and the fix)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))  # torch bolds part of its message
         refused = re.search(r"GLOBAL ([\w.]+)", text)
         if refused:
-            raise InputError(
-                f"cannot load {path}: it holds objects other than tensors and plain containers (the first: "
-                f"{refused.group(1)}), which torch.load(weights_only=True) refuses to unpickle; if you trust the file, "
-                f"load it once with weights_only=False and re-save only its tensors, e.g. "
-                f"torch.save(checkpoint['state_dict'], 'weights.pth')") from None
+            raise InputError(f"cannot load {path}: it holds objects other than tensors and plain "
+                             f"containers (the first: {refused.group(1)}), which torch.load("
+                             f"weights_only=True) refuses; if you trust the file, re-save only "
+                             f"its tensors, e.g. torch.save(checkpoint['state_dict'], "
+                             f"'weights.pth')") from None
         reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-        reason = reason.group(1) if reason else next((line for line in text.splitlines() if line.strip()), "")
-        raise InputError(f"cannot read {path}: {type(e).__name__}: {' '.join(reason.split())[:200]}") from None
+        reason = (reason.group(1) if reason
+                  else next((line for line in text.splitlines() if line.strip()), ""))
+        raise InputError(f"cannot read {path}: {type(e).__name__}: "
+                         f"{' '.join(reason.split())[:200]}") from None
 
 
 def load_rgb(path):
-    """Any PIL-readable image (grayscale, CMYK, RGBA, palette, 16-bit) -> RGB; errors name the file."""
+    """Any PIL-readable image (grayscale, CMYK, RGBA, palette, 16-bit) -> RGB; errors name it."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
@@ -682,44 +586,29 @@ def load_rgb(path):
     except Exception as e:  # PIL raises many types for corrupt or truncated files
         raise InputError(f"cannot read image {path}: {e}") from None
     if image.mode in ("RGBA", "LA", "P"):  # composite transparency on white, not on black
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
+        white = Image.new("RGBA", image.size, (255,) * 4)
+        image = Image.alpha_composite(white, image.convert("RGBA"))
     if image.mode == "I;16" or image.mode == "I":  # 16/32-bit grayscale: scale to 8 bits
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 256).clip(0, 255)
+                                .astype(np.uint8))
     return image.convert("RGB")
 
 
 class SeededDataset(torch.utils.data.Dataset):
-    """Wraps a (image, label) data set; seeds the augmentation of each sample from (seed, epoch, index).
+    """An (image, label) data set whose augmentation is seeded per sample by (seed, epoch, index),
+    not by worker count, world size or batch order: a resumed run sees an uninterrupted one's views,
+    and 1 process == 2. (--skip-bad-images leaves unreadable images out before: check_images.)"""
 
-    The views of an image then do not depend on worker count, world size or batch order, so
-    a resumed run sees exactly the views of an uninterrupted one, and 1 process == 2 processes.
-    skip_bad (training): an unreadable image is left out and its place taken by the next readable
-    one, with a warning; the views stay seeded by the place, so batches keep their size and the run
-    stays deterministic. Held-out metrics leave unreadable images out instead (readable()).
-    """
-
-    def __init__(self, base, transform, seed=0, skip_bad=False):
-        self.base, self.transform, self.seed, self.skip_bad = base, transform, seed, skip_bad
-        self.epoch = 0
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, index):
-        for offset in range(len(self.base)):
-            try:
-                image, label = self.base[(index + offset) % len(self.base)]
-                break
-            except InputError as e:
-                if not self.skip_bad:
-                    raise
-                warnings.warn(f"skipping: {e}")
-        else:
-            raise InputError(f"--skip-bad-images: none of the {len(self.base)} images can be read")
-        # seed the global torch RNG (which the v2 transforms draw from) for this sample only;
-        # restore it after, so that a loader without workers leaves the caller's stream alone
+        image, label = self.base[index]
+        # seed the torch RNG (the v2 transforms draw from it) for this sample only, then restore
+        # it: a loader without workers leaves the caller's stream alone
         state = torch.get_rng_state()
         torch.random.default_generator.manual_seed(
             ((self.seed * 1_000_003 + self.epoch) * len(self.base) + index) % 2**63)
@@ -729,8 +618,7 @@ class SeededDataset(torch.utils.data.Dataset):
 
 
 class LoadCheck(torch.utils.data.Dataset):
-    """Item i: (indices[i], None) when base[indices[i]] loads, else (indices[i], the reason).
-    header_only (ImageFiles): only PIL's parse of the file's header and verify(), no decode."""
+    """Item i -> (indices[i], None if base[indices[i]] loads, else why); header_only: no decode."""
 
     def __init__(self, base, indices, header_only=False):
         self.base, self.indices, self.header_only = base, indices, header_only
@@ -739,114 +627,99 @@ class LoadCheck(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
+        path = self.base.samples[self.indices[i]][0] if self.header_only else None
         try:
-            if self.header_only:
-                path = self.base.samples[self.indices[i]][0]
-                try:
-                    with Image.open(path) as image:
-                        image.verify()
-                except Exception as e:
-                    raise InputError(f"cannot read image {path}: {e}") from None
+            if path:
+                with Image.open(path) as image:
+                    image.verify()
             else:
                 self.base[self.indices[i]]
             return self.indices[i], None
-        except Exception as e:  # InputError from load_rgb; PIL's own errors from torchvision data sets
-            return self.indices[i], " ".join(str(e).split()) or type(e).__name__
+        except Exception as e:  # InputError (load_rgb); PIL's own errors
+            reason = " ".join(str(e).split()) or type(e).__name__
+            return self.indices[i], f"cannot read image {path}: {reason}" if path else reason
 
 
 def readable(base, indices=None, workers=0, what="images"):
-    """--skip-bad-images for held-out metrics: -> the indices (of `indices`, default all) whose image
-    loads, in order, and how many do not. Each image is read once before any work (by `workers`
-    processes), so that a metric counts every readable image once; one warning line names the first
-    unreadable one."""
+    """--skip-bad-images for held-out metrics -> the indices (of `indices`, default all) that load,
+    in order, and how many do not; each is read once up front (by `workers`), one warning."""
     indices = list(range(len(base))) if indices is None else list(indices)
-    loader = torch.utils.data.DataLoader(LoadCheck(base, indices), batch_size=16, num_workers=workers,
-                                         collate_fn=list)
-    kept, bad = [], []  # indices that load; reasons of those that do not
-    for batch in loader:
-        for index, reason in batch:
-            if reason is None:
-                kept.append(index)
-            else:
-                bad.append(reason)
+    bad = unreadable(base, indices, False, workers)
+    left_out = {index for index, _ in bad}
     if bad:
-        warn(f"--skip-bad-images: {len(bad)} of {len(indices)} {what} cannot be read and are left out "
-             f"(the first: {bad[0]})")
-    if not kept:
-        raise InputError(f"--skip-bad-images: none of the {len(indices)} {what} can be read (the first: {bad[0]})")
-    return kept, len(bad)
-
-
-def cache_dir():
-    """Where answers that depend only on files on disk are kept: $XDG_CACHE_HOME (~/.cache)/asym-siam."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "asym-siam")
+        warn(f"--skip-bad-images: {len(bad)} of {len(indices)} {what} cannot be read and are left "
+             f"out (the first: {bad[0][1]})")
+    if len(left_out) == len(indices):
+        raise InputError(f"--skip-bad-images: none of the {len(indices)} {what} can be read "
+                         f"(the first: {bad[0][1]})")
+    return [index for index in indices if index not in left_out], len(bad)
 
 
 def unreadable(base, indices, header_only, workers):
-    """[(index, reason)] of the images of `indices` that cannot be read (LoadCheck, by `workers`
-    processes), cached: the answer is kept under a key of the files' paths, sizes and modification
-    times, so an unchanged data set is not read again."""
-    files = [base.samples[i][0] for i in indices]
-    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) if os.path.exists(f) else (f,) for f in files]
-    key = hashlib.sha1(repr(("header" if header_only else "decode", stats)).encode()).hexdigest()
-    path = os.path.join(cache_dir(), f"unreadable-{key}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return [tuple(row) for row in json.load(f)]
-    loader = torch.utils.data.DataLoader(LoadCheck(base, indices, header_only), batch_size=64, num_workers=workers,
-                                         collate_fn=list)
-    bad = [(index, reason) for batch in loader for index, reason in batch if reason is not None]
-    try:  # a cache that cannot be written costs a second check next time, nothing else
-        os.makedirs(cache_dir(), exist_ok=True)
-        with open(path + f".{os.getpid()}", "w") as f:
-            json.dump(bad, f)
-        os.replace(path + f".{os.getpid()}", path)
-    except OSError:
-        pass
-    return bad
+    """[(index, reason)] of the images of `indices` that cannot be read (LoadCheck by `workers`)."""
+    loader = torch.utils.data.DataLoader(LoadCheck(base, indices, header_only), batch_size=64,
+                                         num_workers=workers, collate_fn=list)
+    return [(index, reason) for batch in loader for index, reason in batch if reason is not None]
 
 
-def check_images(dataset, skip_bad=False, workers=0, group=None, what="images"):
-    """Before any work, every image file of `dataset` (a SeededDataset of ImageFiles; others have no
-    files) is looked at, so that an unreadable one stops the run now with its name, not hours in:
-    a header check (PIL parses the file and verify()s it without decoding). skip_bad
-    (--skip-bad-images): every image is decoded instead, and the unreadable ones are left out of
-    `dataset`, with one warning line. Each process checks every world-th file; the answers are
-    gathered over `group` (all processes take the same decision) and cached per data set."""
-    base = dataset.base
-    if not hasattr(base, "samples"):
-        return
-    distributed = torch.distributed.is_initialized()
-    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
-    bad = unreadable(base, list(range(rank, len(base), world)), not skip_bad, workers)
-    if world > 1:
-        every = [None] * world
-        torch.distributed.all_gather_object(every, bad, group=group)
-        bad = sorted(row for rows in every for row in rows)
-    if not bad:
-        return
-    if not skip_bad:
-        raise InputError(f"{len(bad)} of the {len(base)} {what} cannot be read (the first: {bad[0][1]}); "
-                         f"--skip-bad-images leaves them out")
-    left_out = {index for index, _ in bad}
-    if len(left_out) == len(base):
-        raise InputError(f"--skip-bad-images: none of the {len(base)} {what} can be read (the first: {bad[0][1]})")
-    warn(f"--skip-bad-images: {len(bad)} of the {len(base)} {what} cannot be read and are left out (the first: {bad[0][1]})")
-    dataset.base = torch.utils.data.Subset(base, [i for i in range(len(base)) if i not in left_out])
+def check_images(datasets, skip_bad=False, workers=0):
+    """Before any work, each image file of `datasets` ({what: SeededDataset of ImageFiles}) parsed
+    and verified by PIL: an unreadable one stops the run, named; skip_bad: each decoded, the bad
+    left out (one warning). Each process checks every world-th file; all get every answer."""
+    answers = {}
+    for what, dataset in datasets.items():
+        base = dataset.base
+        if not hasattr(base, "samples"):
+            continue
+        key = tuple(base.samples)
+        if key not in answers:
+            files = list(range(rank(), len(base), world_size()))
+            every = [unreadable(base, files, not skip_bad, workers)] * world_size()
+            if world_size() > 1:
+                torch.distributed.all_gather_object(every, every[0])
+            answers[key] = sorted(row for rows in every for row in rows)
+        bad = answers[key]
+        if bad and not skip_bad:
+            raise InputError(f"{len(bad)} of the {len(base)} {what} cannot be read (the first: "
+                             f"{bad[0][1]}); --skip-bad-images leaves them out")
+        left_out = {index for index, _ in bad}
+        if len(left_out) == len(base):
+            raise InputError(f"--skip-bad-images: none of the {len(base)} {what} can be read "
+                             f"(the first: {bad[0][1]})")
+        if bad:
+            warn(f"--skip-bad-images: {len(bad)} of the {len(base)} {what} cannot be read and are "
+                 f"left out (the first: {bad[0][1]})")
+            dataset.base = torch.utils.data.Subset(base, [i for i in range(len(base))
+                                                          if i not in left_out])
 
 
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "plus", "ring",
                      "star", "stripes", "checker", "crescent", "ell")
+# the polygons of each class at unit scale (rotated and placed per image); the others are discs
+POLYGONS = {
+    "square": [[(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]],
+    "triangle": [[(math.cos(a), math.sin(a))
+                  for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]],
+    "plus": [[(-1, -0.3), (1, -0.3), (1, 0.3), (-1, 0.3)],
+             [(-0.3, -1), (0.3, -1), (0.3, 1), (-0.3, 1)]],
+    "star": [[((1.0 if k % 2 == 0 else 0.4) * math.cos(k * math.pi / 5 - math.pi / 2),
+               (1.0 if k % 2 == 0 else 0.4) * math.sin(k * math.pi / 5 - math.pi / 2))
+              for k in range(10)]],
+    "stripes": [[(-0.9, y), (0.9, y), (0.9, y + 0.35), (-0.9, y + 0.35)]
+                for y in (-0.9, -0.3, 0.3)],
+    "checker": [[(x0, y0), (x0 + 0.6, y0), (x0 + 0.6, y0 + 0.6), (x0, y0 + 0.6)]
+                for i in range(3) for j in range(3) if (i + j) % 2 == 0
+                for x0, y0 in [(-0.9 + 0.6 * i, -0.9 + 0.6 * j)]],
+    "ell": [[(-0.8, -1), (-0.3, -1), (-0.3, 0.5), (0.8, 0.5), (0.8, 1), (-0.8, 1)]],
+}
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """A built-in, deterministic data set with real class structure: one shape per class
-    (SYNTHETIC_CLASSES) of random size, position, rotation and grey level on dark grey noise,
-    drawn at 64x64: a network must learn shape to separate the classes. Train 5000, test 1000."""
+    """Built-in, deterministic: a 64x64 shape per class (SYNTHETIC_CLASSES), random size, position,
+    rotation, grey, on dark grey noise (only shape separates classes); train 5000, test 1000."""
 
     def __init__(self, split="train", size=64):
-        self.split, self.size = split, size
-        self.n = 5000 if split == "train" else 1000
+        self.split, self.size, self.n = split, size, 5000 if split == "train" else 1000
         self.targets = [i % len(SYNTHETIC_CLASSES) for i in range(self.n)]
         self.classes = list(SYNTHETIC_CLASSES)
 
@@ -854,73 +727,42 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, index):
-        label = self.targets[index]
+        label, s = self.targets[index], self.size
         rng = np.random.default_rng([0 if self.split == "train" else 1, index])
-        s = self.size
-        # light grey shapes on the same dark grey noise: no colour and no background tells instances
+        # light grey shapes on the same dark grey noise: no colour or background tells instances
         # apart (with colours, instance discrimination learns colour first and the kNN drops)
         background = np.full(3, 64)
-        image = Image.fromarray(np.clip(background + rng.normal(0, 25, (s, s, 3)), 0, 255).astype(np.uint8))
-        color = (int(rng.integers(150, 256)),) * 3
+        image = Image.fromarray(np.clip(background + rng.normal(0, 25, (s, s, 3)), 0, 255)
+                                .astype(np.uint8))
+        color, dark = (int(rng.integers(150, 256)),) * 3, tuple(int(b) for b in background)
         r = rng.uniform(0.3, 0.45) * s  # half-size of the shape: most crops still show part of it
         cx, cy = rng.uniform(r, s - r, 2)
         angle = rng.uniform(0, 2 * math.pi)
-        draw = ImageDraw.Draw(image)
-        name = SYNTHETIC_CLASSES[label]
-
-        def polygon(points):  # rotate unit-scale points by angle, place at (cx, cy)
-            c, si = math.cos(angle), math.sin(angle)
-            draw.polygon([(cx + r * (x * c - y * si), cy + r * (x * si + y * c)) for x, y in points], fill=color)
-
-        if name == "circle":
+        draw, name = ImageDraw.Draw(image), SYNTHETIC_CLASSES[label]
+        c, si = math.cos(angle), math.sin(angle)
+        for points in POLYGONS.get(name, []):  # rotated by angle, placed at (cx, cy)
+            draw.polygon([(cx + r * (x * c - y * si), cy + r * (x * si + y * c))
+                          for x, y in points], fill=color)
+        if name in ("circle", "ring", "crescent"):
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        elif name == "square":
-            polygon([(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)])
-        elif name == "triangle":
-            polygon([(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)])
-        elif name == "plus":
-            polygon([(-1, -0.3), (1, -0.3), (1, 0.3), (-1, 0.3)])
-            polygon([(-0.3, -1), (0.3, -1), (0.3, 1), (-0.3, 1)])
-        elif name == "ring":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        if name == "ring":
             q = 0.55 * r
-            draw.ellipse([cx - q, cy - q, cx + q, cy + q], fill=tuple(int(b) for b in background))
-        elif name == "star":
-            polygon([((1.0 if k % 2 == 0 else 0.4) * math.cos(k * math.pi / 5 - math.pi / 2),
-                      (1.0 if k % 2 == 0 else 0.4) * math.sin(k * math.pi / 5 - math.pi / 2)) for k in range(10)])
-        elif name == "stripes":
-            for y in (-0.9, -0.3, 0.3):
-                polygon([(-0.9, y), (0.9, y), (0.9, y + 0.35), (-0.9, y + 0.35)])
-        elif name == "checker":
-            for i in range(3):
-                for j in range(3):
-                    if (i + j) % 2 == 0:
-                        x0, y0 = -0.9 + 0.6 * i, -0.9 + 0.6 * j
-                        polygon([(x0, y0), (x0 + 0.6, y0), (x0 + 0.6, y0 + 0.6), (x0, y0 + 0.6)])
+            draw.ellipse([cx - q, cy - q, cx + q, cy + q], fill=dark)
         elif name == "crescent":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
             dx, dy = 0.5 * r * math.cos(angle), 0.5 * r * math.sin(angle)
-            draw.ellipse([cx + dx - r, cy + dy - r, cx + dx + r, cy + dy + r], fill=tuple(int(b) for b in background))
-        elif name == "ell":
-            polygon([(-0.8, -1), (-0.3, -1), (-0.3, 0.5), (0.8, 0.5), (0.8, 1), (-0.8, 1)])
+            draw.ellipse([cx + dx - r, cy + dy - r, cx + dx + r, cy + dy + r], fill=dark)
         return image, label
 
 
 def has_image(folder):
-    """Whether `folder` holds an image file at any depth (as ImageFolder reads it); stops at the first."""
-    subfolders = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS) and entry.is_file():
-                return True
-            if entry.is_dir():
-                subfolders.append(entry.path)
-    return any(has_image(sub) for sub in subfolders)
+    """Whether an image file (as ImageFolder reads) is at any depth of `folder`; stops at one."""
+    return any(name.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+               for _, _, files in os.walk(folder, followlinks=True) for name in files)
 
 
 def folder_classes(root):
-    """The class folders of an ImageFolder split that hold an image, sorted. An empty class folder is
-    not a class: it is left out with a warning (in train/ it would take an index and shift the others)."""
+    """An ImageFolder split's class folders that hold an image, sorted; an empty one is left out,
+    with a warning (in train/ it would take an index and shift the others)."""
     names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     empty = [name for name in names if not has_image(os.path.join(root, name))]
     if empty:
@@ -930,11 +772,8 @@ def folder_classes(root):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """An ImageFolder split (root/<class>/<image>) read with load_rgb.
-
-    classes: the class-to-index map of every split (train/'s class folders, sorted; default: this
-    folder's own). A class here that is not in it is an error naming it, since it could not be
-    scored; a class of it with no images here is allowed, with a warning."""
+    """An ImageFolder split read by load_rgb. classes: all splits' order (train/'s sorted; default:
+    this folder's); a class here not in it: an error (unscorable); one absent: a warning."""
 
     def __init__(self, root, classes=None):
         found = folder_classes(root)
@@ -943,12 +782,13 @@ class ImageFiles(torch.utils.data.Dataset):
         classes = found if classes is None else list(classes)
         unknown = [name for name in found if name not in classes]
         if unknown:
-            raise InputError(f"{root} has class folder(s) that train/ lacks: {', '.join(unknown[:5])}"
-                             + (", ..." if len(unknown) > 5 else "") + " (every split is numbered by train/'s classes)")
+            raise InputError(f"{root} has class folder(s) that train/ lacks: "
+                             f"{', '.join(unknown[:5])}" + (", ..." if len(unknown) > 5 else "")
+                             + " (every split is numbered by train/'s classes)")
         absent = [name for name in classes if name not in found]
         if absent:
-            warn(f"{root} has no images of {len(absent)} of the {len(classes)} classes: {', '.join(absent[:5])}"
-                 + (", ..." if len(absent) > 5 else ""))
+            warn(f"{root} has no images of {len(absent)} of the {len(classes)} classes: "
+                 f"{', '.join(absent[:5])}" + (", ..." if len(absent) > 5 else ""))
         index = {name: i for i, name in enumerate(classes)}
         self.samples = torchvision.datasets.folder.make_dataset(
             root, {name: index[name] for name in found}, torchvision.datasets.folder.IMG_EXTENSIONS)
@@ -964,9 +804,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def folder_split(data, split):
-    """data/split (train, val or test) as ImageFiles numbered by data/train/'s classes, so that a
-    label means the same class in every split; a folder without train/ (or with no images in
-    it) numbers its own classes."""
+    """data/split (train, val or test) as ImageFiles numbered by data/train/'s classes, so a label
+    means the same class in every split; without train/ (or images in it) it numbers its own."""
     train = os.path.join(data, "train")
     classes = folder_classes(train) if os.path.isdir(train) and split != "train" else []
     return ImageFiles(os.path.join(data, split), classes or None)
@@ -976,17 +815,16 @@ TORCHVISION_SETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL1
 
 
 def base_dataset(data, split, data_root="data"):
-    """data: "synthetic" | "cifar10" | "cifar100" | "stl10" | an ImageFolder root with train/ and
-    val/ (or test/), every split numbered by train/'s classes (folder_split). split: "train"
-    (pretraining images), "train_labeled" (labelled training images: the kNN bank; differs from
-    "train" for STL-10 only) or "test" (held out)."""
+    """data: "synthetic" | "cifar10" | "cifar100" | "stl10" | an ImageFolder root (folder_split).
+    split: "train", "train_labeled" (the kNN bank; differs for STL-10 only) or "test"."""
     if data == "synthetic":
         return SyntheticShapes("train" if split.startswith("train") else "test")
     if data in TORCHVISION_SETS:
         cls = getattr(torchvision.datasets, TORCHVISION_SETS[data])
         root = os.path.join(data_root, data)
         if data == "stl10":
-            kwargs = {"split": {"train": "train+unlabeled", "train_labeled": "train", "test": "test"}[split]}
+            kwargs = {"split": {"train": "train+unlabeled", "train_labeled": "train",
+                                "test": "test"}[split]}
         else:
             kwargs = {"train": split.startswith("train")}
         try:
@@ -996,46 +834,44 @@ def base_dataset(data, split, data_root="data"):
         try:
             return cls(root, download=True, **kwargs)
         except Exception as e:
-            raise InputError(f"{data} is not in {root} and could not be downloaded ({type(e).__name__}: {e}); "
-                             f"download it elsewhere and copy it to {root}, or pass --data-root") from None
+            raise InputError(f"{data} is not in {root} and could not be downloaded "
+                             f"({type(e).__name__}: {e}); download it elsewhere and copy it to "
+                             f"{root}, or pass --data-root") from None
     if not os.path.isdir(data):
-        raise InputError(f"--data {data}: no such directory (and not one of synthetic, {', '.join(TORCHVISION_SETS)})")
+        raise InputError(f"--data {data}: no such directory (and not one of synthetic, "
+                         f"{', '.join(TORCHVISION_SETS)})")
     names = ["train"] if split.startswith("train") else ["val", "test"]
     for name in names:
         if os.path.isdir(os.path.join(data, name)):
             return folder_split(data, name)
-    raise InputError(f"--data {data}: expected an ImageFolder root with a {' or '.join(names)}/ folder")
+    raise InputError(f"--data {data}: expected an ImageFolder root with a {' or '.join(names)}/ "
+                     f"folder")
 
 
-def dataset(data, split, transform, data_root="data", seed=0, skip_bad=False):
+def dataset(data, split, transform, data_root="data", seed=0):
     """base_dataset(data, split) with a per-sample-seeded transform (SeededDataset)."""
-    return SeededDataset(base_dataset(data, split, data_root), transform, seed, skip_bad)
+    return SeededDataset(base_dataset(data, split, data_root), transform, seed)
 
 
-# ---------------------------------------------------------------------------------------------
-# --data-on-device: a small data set kept on the device, every view made there
-# ---------------------------------------------------------------------------------------------
-# At 32 px a data worker makes the two views of a few hundred CIFAR images a second
-# (benchmarks/dataloader.py), while one GPU's step consumes thousands: MultiCrop's eight views
-# leave the GPU waiting even with 16 workers. A small data set fits in the device's memory as
-# uint8 (CIFAR-10's 50000 images: 150 MB), and every draw and pixel operation of a view can run
-# there on the whole batch: RandomResizedCrop's box (torchvision's ten tries, then its fallback),
-# its antialiased bilinear resize (torchvision's filter weights, as two batched matrix products,
-# which also flip), and the colour operations of --gpu-aug (photometric) with parameters drawn as
-# ColorJitter, RandomGrayscale, GaussianBlur and RandomSolarize draw them. The views are equal in
-# distribution to the CPU path's, not image by image: the draws come from a generator on the
-# device, seeded per (seed, epoch, batch, process), so a resumed run sees the same views, and a
-# different number of processes different ones. StrongerAug's RandAugment stays on the workers.
+# ---- --data-on-device: a small data set kept on the device, every view made there ----------------
+# At 32 px a worker makes two views of a few hundred CIFAR images a second, a GPU step uses
+# thousands (benchmarks/dataloader.py): MultiCrop starves it even with 16 workers. A small set fits
+# on the device as uint8 (CIFAR-10: 150 MB); every draw and pixel op runs there, batched: the crop
+# box (torchvision's ten tries and fallback), its antialiased resize (torchvision's weights as two
+# matrix products, which also flip), --gpu-aug's colour. Views equal the CPU path's in distribution,
+# not image by image: a device generator seeded per (seed, epoch, batch, process) draws them (the
+# same on resuming, others with another process count). RandAugment stays on the workers.
 def random_crop_boxes(n, height, width, scale, generator, ratio=(3 / 4, 4 / 3), tries=10):
-    """n boxes (top, left, box height, box width), each as torchvision's RandomResizedCrop draws it:
-    up to `tries` draws of an area (scale x the image's) and a log-uniform aspect ratio, the first
-    that fits the image, else the centred whole image with its aspect ratio clamped to `ratio`."""
+    """n boxes (top, left, height, width) as RandomResizedCrop: the first fitting of `tries` draws
+    (area ~ scale x HxW, log-uniform aspect), else the centred image, aspect clamped to `ratio`."""
     device = generator.device
-    area = height * width * torch.empty(n, tries, device=device).uniform_(*scale, generator=generator)
-    aspect = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    area = height * width * torch.empty(n, tries, device=device).uniform_(
+        *scale, generator=generator)
+    aspect = torch.empty(n, tries, device=device).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
     w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 where none does: replaced below)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 if none: replaced)
     w, h, fitted = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
     if width / height < ratio[0]:  # the fallback: the whole image, its aspect ratio clamped
         fallback = (round(width / ratio[0]), width)
@@ -1058,68 +894,73 @@ def cubic(x, a=-0.5):
 
 
 def resize_weights(offset, length, size, full, interpolation="bilinear"):
-    """Crops [offset, offset + length) of an axis of `full` pixels (N each) -> NxSIZExFULL weights
-    of torchvision's antialiased resize of each crop to `size` pixels: a triangle ("bilinear") or
-    cubic ("bicubic") filter stretched by the scale when shrinking, zero outside the crop."""
+    """NxSIZExFULL weights of torchvision's antialiased resize of N crops [offset, offset + length)
+    of a `full`-pixel axis to `size`: triangle or cubic, stretched when shrinking, 0 outside."""
     offset, length = offset.to(torch.float32), length.to(torch.float32)
     scale = length / size  # input pixels per output pixel
     support = scale.clamp(min=1.0)
-    center = scale[:, None] * (torch.arange(size, device=offset.device) + 0.5)  # NxS, in crop coordinates
-    pixel = torch.arange(full, device=offset.device) - offset[:, None]  # NxFULL, in crop coordinates
+    center = scale[:, None] * (torch.arange(size, device=offset.device) + 0.5)  # NxS, crop coords
+    pixel = torch.arange(full, device=offset.device) - offset[:, None]  # NxFULL, crop coordinates
     distance = (pixel[:, None, :] + 0.5 - center[:, :, None]) / support[:, None, None]
     inside = ((pixel >= 0) & (pixel < length[:, None]))[:, None, :]
-    weights = (cubic(distance) if interpolation == "bicubic" else (1 - distance.abs()).clamp(min=0)) * inside
+    weights = (cubic(distance) if interpolation == "bicubic"
+               else (1 - distance.abs()).clamp(min=0)) * inside
     return weights / weights.sum(2, keepdim=True)
 
 
 def resized_crops(images, boxes, size, flip, interpolation="bilinear"):
-    """Nx3xHxW uint8 images, N boxes (top, left, height, width), N flips -> Nx3xSxS floats in [0, 1]:
-    torchvision's resized_crop (antialias) of each image, mirrored where flip, as rows x image x columns
-    (a bicubic overshoot clipped to [0, 1], as the uint8 result of the CPU path)."""
+    """Nx3xHxW uint8, N boxes (top, left, height, width), N flips -> Nx3xSxS in [0, 1]: antialiased
+    resized_crop as torchvision, mirrored where flip: rows x image x columns, clipped as uint8."""
     rows = resize_weights(boxes[:, 0], boxes[:, 2], size, images.shape[-2], interpolation)  # NxSxH
     cols = resize_weights(boxes[:, 1], boxes[:, 3], size, images.shape[-1], interpolation)  # NxSxW
-    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)  # a mirrored view reads its columns backwards
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)  # mirrored: columns read backwards
     x = images.to(torch.float32) * (1 / 255)
     return (rows[:, None] @ x @ cols.transpose(1, 2)[:, None]).clamp(0, 1)
 
 
 def random_colour_params(recipe, n, size, generator):
-    """n rows of PARAMS drawn as view_transform's recipe draws them: ColorJitter with p JITTER_P (factors
-    uniform in [max(0, 1 - s), 1 + s], hue in [-h, h], the four operations in a random order), grayscale
-    with p GRAY_P, blur (sigma ~ U(0.1, 2)) with the recipe's p from 64 px up, solarize with its p."""
+    """n rows of PARAMS drawn as the recipe's view_transform: ColorJitter with p JITTER_P (factors
+    ~ U[max(0, 1 - s), 1 + s], hue ~ U[-h, h], the four ops in random order), grayscale with p
+    GRAY_P, blur (sigma ~ U(0.1, 2)) with the recipe's p from 64 px up, solarize with its p."""
     _, (brightness, contrast, saturation, hue), blur_p, solarize_p = RECIPES[recipe]
     device = generator.device
     u = torch.rand(n, 9, device=device, generator=generator)
-    factors = [max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * u[:, i] for i, s in enumerate((brightness, contrast, saturation))]
-    order = torch.rand(n, 4, device=device, generator=generator).argsort(1)  # a uniform permutation per view
+    factors = [max(0.0, 1 - s) + (1 + s - max(0.0, 1 - s)) * u[:, i]
+               for i, s in enumerate((brightness, contrast, saturation))]
+    order = torch.rand(n, 4, device=device, generator=generator).argsort(1)  # a permutation each
     blur = u[:, 6] < (blur_p if blur_kernel(size) else 0.0)
-    return torch.stack([(u[:, 3] < JITTER_P).float(), *factors, hue * (2 * u[:, 4] - 1), *order.float().unbind(1),
-                        (u[:, 5] < GRAY_P).float(), torch.where(blur, 0.1 + 1.9 * u[:, 7], 0.0),
+    return torch.stack([(u[:, 3] < JITTER_P).float(), *factors, hue * (2 * u[:, 4] - 1),
+                        *order.float().unbind(1), (u[:, 5] < GRAY_P).float(),
+                        torch.where(blur, 0.1 + 1.9 * u[:, 7], 0.0),
                         (u[:, 8] < solarize_p).float()], 1)
 
 
 def random_scalemix_boxes(n, height, width, generator):
-    """n ScaleMix boxes (top, bottom, left, right) as random_scalemix_box draws them, on the device."""
+    """n ScaleMix boxes (top, bottom, left, right) as random_scalemix_box draws them, on device."""
     u = torch.rand(3, n, device=generator.device, generator=generator)
     cut = (1 - u[0]).sqrt()
-    half_h, half_w = (height * cut).floor().div(2, rounding_mode="floor"), (width * cut).floor().div(2, rounding_mode="floor")
+    half_h = (height * cut).floor().div(2, rounding_mode="floor")
+    half_w = (width * cut).floor().div(2, rounding_mode="floor")
     center_y, center_x = (u[1] * height).floor(), (u[2] * width).floor()
     return torch.stack([(center_y - half_h).clamp(min=0), (center_y + half_h).clamp(max=height),
-                        (center_x - half_w).clamp(min=0), (center_x + half_w).clamp(max=width)], 1).long()
+                        (center_x - half_w).clamp(min=0), (center_x + half_w).clamp(max=width)],
+                       1).long()
 
 
 class DeviceViews:
-    """The views of a Views, made on the device from a batch of its uint8 images:
-    __call__(images, index, generator) -> {kind: (n*B)x3xSxS normalised floats}, view-major, the
-    kinds, counts and recipes of Views and collate_views. RandAugment (StrongerAug) is not made here."""
+    """A Views' views (kinds, counts, recipes; not RandAugment) made on the device: __call__(uint8
+    images, index, generator) -> {kind: (n*B)x3xSxS normalised floats}, view-major as collate's."""
 
     def __init__(self, views):
-        if any(stronger for kind, (_, _, _, stronger) in views.recipes.items() if kind in views.counts()):
-            raise InputError("--data-on-device makes crops, flips and colour on the device, not StrongerAug's RandAugment "
-                             "(--asym-aug, --source-aug/--target-aug stronger): drop one of the two")
+        if any(stronger for kind, (_, _, _, stronger) in views.recipes.items()
+               if kind in views.counts()):
+            raise InputError("--data-on-device makes crops, flips and colour on the device, not "
+                             "StrongerAug's RandAugment (--asym-aug, --source-aug/--target-aug "
+                             "stronger): drop one of the two")
         self.counts, self.interpolation = views.counts(), views.interpolation
-        self.recipes = {kind: (recipe, size, scale or ((0.08, 1.0) if recipe == "weaker" else (RECIPES[recipe][0], 1.0)))
-                        for kind, (recipe, size, scale, _) in views.recipes.items()}  # kind -> (recipe, size, crop scale)
+        self.recipes = {kind: (recipe, size, scale or ((0.08, 1.0) if recipe == "weaker"
+                                                       else (RECIPES[recipe][0], 1.0)))
+                        for kind, (recipe, size, scale, _) in views.recipes.items()}
         self.mixed = {kind for kind in ("source", "target") if views.scalemix_on in (kind, "both")}
 
     def view(self, kind, images, generator):
@@ -1147,23 +988,23 @@ class DeviceViews:
 
 
 class OnDevice(torch.utils.data.Dataset):
-    """A SeededDataset's images decoded once into the device's memory (uint8 Nx3xHxW) and its
-    Views' recipes as DeviceViews (--data-on-device); batches(...) replaces the DataLoader.
-    len() and .epoch are the wrapped set's, for the sampler and the scripts' loop."""
+    """--data-on-device: a SeededDataset's images decoded once onto the device (uint8 Nx3xHxW), its
+    Views as DeviceViews; batches(...) replaces the DataLoader; len() and .epoch are the set's."""
 
     def __init__(self, train_set, workers=0, device=None):
         self.views = DeviceViews(train_set.transform)  # bad settings fail before any decoding
-        self.device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                                 else torch.device("cpu"))
+        self.device = device or (torch.device("cuda", torch.cuda.current_device())
+                                 if torch.cuda.is_available() else torch.device("cpu"))
         self.seed, self.epoch, self.n = train_set.seed, 0, len(train_set)
-        decoded = SeededDataset(train_set.base, v2.functional.pil_to_tensor, skip_bad=train_set.skip_bad)
+        decoded = SeededDataset(train_set.base, v2.functional.pil_to_tensor)
         images, labels = [], []
-        for batch, y in torch.utils.data.DataLoader(decoded, batch_size=256, num_workers=workers, collate_fn=stack_images):
+        for batch, y in torch.utils.data.DataLoader(decoded, batch_size=256, num_workers=workers,
+                                                    collate_fn=stack_images):
             if not images:
                 check_device_memory(batch[0].numel() * len(decoded), self.device)
             elif batch.shape[1:] != images[0].shape[1:]:
-                raise InputError(f"--data-on-device needs images of one size: found {shape_text(batch[0])} "
-                                 f"after {shape_text(images[0][0])}")
+                raise InputError(f"--data-on-device needs images of one size: found "
+                                 f"{shape_text(batch[0])} after {shape_text(images[0][0])}")
             images.append(batch.to(self.device))
             labels.append(y.to(self.device))
         self.images, self.labels = torch.cat(images), torch.cat(labels)
@@ -1172,15 +1013,16 @@ class OnDevice(torch.utils.data.Dataset):
         return self.n
 
     def batches(self, indices, batch_size, epoch, first_batch, rank=0):
-        """The batches of `indices` (full ones only) -> (views, labels) on the device; batch b of the
-        epoch draws from a generator seeded by (seed, epoch, first_batch + b, rank)."""
+        """The full batches of `indices` -> (views, labels) on the device; batch b of the epoch
+        draws from a generator seeded by (seed, epoch, first_batch + b, rank)."""
         order = torch.tensor(indices[:len(indices) // batch_size * batch_size], dtype=torch.long)
         if self.device.type == "cuda":  # one asynchronous copy per epoch
             order = order.pin_memory()
         order = order.to(self.device, non_blocking=True)
         generator = torch.Generator(self.device)
         for b, index in enumerate(order.split(batch_size)):
-            generator.manual_seed((((self.seed * 1_000_003 + epoch) * 1_000_033 + first_batch + b) * 4099 + rank) % 2**63)
+            generator.manual_seed((((self.seed * 1_000_003 + epoch) * 1_000_033 + first_batch + b)
+                                   * 4099 + rank) % 2**63)
             yield self.views(self.images, index, generator), self.labels[index]
 
 
@@ -1192,13 +1034,464 @@ def stack_images(samples):
     """[(uint8 3xHxW, label)] -> (Nx3xHxW, labels N); images of unequal sizes are bad input here."""
     for image, _ in samples[1:]:
         if image.shape != samples[0][0].shape:
-            raise InputError(f"--data-on-device needs images of one size: found {shape_text(image)} "
-                             f"after {shape_text(samples[0][0])}")
-    return torch.stack([image for image, _ in samples]), torch.tensor([label for _, label in samples])
+            raise InputError(f"--data-on-device needs images of one size: found "
+                             f"{shape_text(image)} after {shape_text(samples[0][0])}")
+    return (torch.stack([image for image, _ in samples]),
+            torch.tensor([label for _, label in samples]))
 
 
 def check_device_memory(nbytes, device):
     """--data-on-device keeps at most half of a GPU's memory for the images."""
     if device.type == "cuda" and nbytes > torch.cuda.get_device_properties(device).total_memory / 2:
-        raise InputError(f"--data-on-device: the training images take {nbytes / 2**30:.1f} GiB as uint8, more than half "
-                         f"of the device's memory; use the data workers (drop --data-on-device)")
+        raise InputError(f"--data-on-device: the training images take {nbytes / 2**30:.1f} GiB as "
+                         f"uint8, more than half of the device's memory; use the data workers "
+                         f"(drop --data-on-device)")
+
+
+# ---- Across processes (the scripts' plumbing) ----------------------------------------------------
+# Collectives, each the identity on one process; the CPU stand-in for SyncBN; --bn-splits.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # save and stop (the scripts)
+
+
+def ignore_stop_signals(worker_id=None):
+    """A data worker's start: the stop signals are for the training process, which then stops
+    its workers itself (a scheduler signals the whole process group)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+@torch.no_grad()
+def gather(x):
+    """Local NxC -> (world*N)xC, the processes' rows in rank order, no gradient."""
+    if world_size() == 1:
+        return x.detach()
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    torch.distributed.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+class AllReduce(torch.autograd.Function):
+    """Sum over the processes of `group`, with gradient: every output depends on every input, so
+    each input's gradient is the sum of the outputs' gradients (an all-reduce again)."""
+
+    @staticmethod
+    def forward(ctx, x, group=None):
+        ctx.group = group
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_gather_with_grad(x):
+    """Local NxC -> (world*N)xC in rank order, with gradient: each process's rows placed in zeros,
+    summed over the processes (AllReduce); its rows get the sum of the gradients reaching them."""
+    if world_size() == 1:
+        return x
+    out = x.new_zeros(world_size() * len(x), *x.shape[1:])
+    out[rank() * len(x):(rank() + 1) * len(x)] = x
+    return AllReduce.apply(out)
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with mean and variance all-reduced over a process group: nn.SyncBatchNorm's
+    statistics where torch refuses it (CPU / gloo). The all-reduce passes gradients."""
+
+    def __init__(self, num_features, group=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.group = group
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float32, device=x.device)
+        stats = torch.cat([x.float().sum(dims), (x.float() ** 2).sum(dims), count])
+        if world_size() > 1:
+            stats = AllReduce.apply(stats, self.group)
+        total, total_sq, n = stats.split([x.shape[1], x.shape[1], 1])
+        mean, var = total / n, (total_sq / n - (total / n) ** 2).clamp(min=0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+class SplitBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm over `splits` groups of the batch (sample i in group i mod splits): `splits`
+    devices' statistics on one; running statistics: the mean of theirs. 1-d and 2-d inputs."""
+
+    def __init__(self, num_features, splits, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.splits = splits
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        n, c, k = x.shape[0], x.shape[1], self.splits
+        mean, var = self.running_mean.repeat(k), self.running_var.repeat(k)
+        weight = self.weight.repeat(k) if self.affine else None
+        bias = self.bias.repeat(k) if self.affine else None
+        y = F.batch_norm(x.reshape(n // k, k * c, *x.shape[2:]), mean, var, weight, bias, True,
+                         self.momentum, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.copy_(mean.view(k, c).mean(0))
+            self.running_var.copy_(var.view(k, c).mean(0))
+        return y.view_as(x)
+
+
+def replace_bn(module, make):
+    """Replace every plain nn.BatchNorm1d/2d inside `module` by make(bn), keeping its state."""
+    for name, child in module.named_children():
+        if type(child) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d):
+            new = make(child)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new.to(child.running_mean.device))
+        else:
+            replace_bn(child, make)
+    return module
+
+
+def sync_bn(module, group=None):
+    """SyncBN over `group` (None: all) for every BN of `module`: nn.SyncBatchNorm or on CPU ours."""
+    if torch.cuda.is_available():
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
+    return replace_bn(module, lambda bn: GlobalBatchNorm(bn.num_features, group, eps=bn.eps,
+                                                         momentum=bn.momentum, affine=bn.affine))
+
+
+def split_bn(module, splits):
+    """--bn-splits: every plain BN of `module` normalises its batch in `splits` groups."""
+    return replace_bn(module, lambda bn: SplitBatchNorm(bn.num_features, splits, eps=bn.eps,
+                                                        momentum=bn.momentum, affine=bn.affine))
+
+
+def autocast(device, amp):
+    """The mixed precision of --amp ("bf16" | "fp16" | "off") on `device`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ---- A run's plumbing: its flags' help, start, checks before any work, end (the scripts') --------
+EXIT_BAD_INPUT, EXIT_STOPPED = 2, 3  # a run's own exit codes; 1: any other failure
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default (where it has one) and the docstring's examples as given."""
+
+    def _get_help_string(self, action):
+        shown = action.default is not None and action.default is not False  # (0 == False)
+        return super()._get_help_string(action) if shown else action.help
+
+
+def init_distributed(dist_timeout):
+    """torchrun (env://): a process per GPU (NCCL) or CPU share (gloo); -> this process's device."""
+    if "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
+        timeout = datetime.timedelta(minutes=dist_timeout)
+        if torch.cuda.is_available():  # one GPU per process, named so that NCCL need not guess
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl", device_id=device, timeout=timeout)
+        else:
+            torch.distributed.init_process_group("gloo", timeout=timeout)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def end_run(code, message):
+    """Every process exits with `code`; rank 0 prints `message` (one line) first."""
+    if rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+    if world_size() > 1:
+        torch.distributed.barrier()  # the line is out before torchrun tears the job down
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def agreed():
+    """Checks each process runs alone: an InputError on any ends the run on all, before any work,
+    with one line (naming the rank where not every process had it) and exit code 2."""
+    error = None
+    try:
+        yield
+    except InputError as e:
+        error = str(e)
+    errors = [error]
+    if world_size() > 1:
+        errors = [None] * world_size()
+        torch.distributed.all_gather_object(errors, error)
+    failed = [(r, message) for r, message in enumerate(errors) if message is not None]
+    if failed:
+        where = "" if len(failed) == world_size() else f" (rank {failed[0][0]})"
+        end_run(EXIT_BAD_INPUT, f"error{where}: {failed[0][1]}")
+
+
+def non_finite(tree, prefix=""):
+    """The names of the floating-point tensors holding NaN or infinity in a nest of dicts."""
+    if isinstance(tree, torch.Tensor):
+        return [prefix] if tree.is_floating_point() and not tree.isfinite().all() else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) \
+        if isinstance(tree, (list, tuple)) else ()
+    return [name for key, value in items
+            for name in non_finite(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def syncbn_group(size):
+    """This process's SyncBN group: None (all processes) or consecutive groups of `size`."""
+    if not size or size == world_size():
+        return None
+    groups = [torch.distributed.new_group(list(range(start, start + size)))
+              for start in range(0, world_size(), size)]
+    return groups[rank() // size]
+
+
+def common_problems(args, n_train):
+    """The impossible settings of the flags all six scripts share -> a list of messages."""
+    world = world_size()
+    local, problems = args.batch_size // world, []
+    if args.batch_size % world:
+        problems.append(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                        f"processes")
+    elif args.bn_splits < 1 or local % args.bn_splits or local // args.bn_splits < 2:
+        problems.append(f"the per-process batch {local} must split into --bn-splits "
+                        f"{args.bn_splits} groups of 2 or more")
+    if n_train < args.batch_size:
+        problems.append(f"--batch-size {args.batch_size} is larger than the {n_train} training "
+                        f"images")
+    if args.syncbn_group_size and world % args.syncbn_group_size:
+        problems.append(f"--syncbn-group-size {args.syncbn_group_size} does not divide the "
+                        f"{world} processes")
+    if min(args.mean_enc, args.mean_enc_source, args.epochs, args.print_freq) < 1:
+        problems.append("--mean-enc, --mean-enc-source, --epochs, --print-freq must be 1 or more")
+    if min(args.multicrop, args.lr, args.wd, args.save_every) < 0:
+        problems.append("--multicrop, --lr, --wd and --save-every must not be negative")
+    if args.image_size < 16:
+        problems.append(f"--image-size {args.image_size} is too small: 16 or more")
+    if args.variance_every >= 0 and (args.variance_views < 2 or args.variance_images < 1):
+        problems.append("--variance-views must be 2 or more and --variance-images 1 or more")
+    return problems
+
+
+def start_line(framework, args, n_images, steps_per_epoch, step, last):
+    """A run's first line: its data, length, processes and designs on each side, in the paper's
+    words ('source: ScaleMix; target: SyncBN, MeanEnc 2')."""
+    designs = []
+    for side, n in (("source", args.mean_enc_source), ("target", args.mean_enc)):
+        aug = {"weaker": "WeakerAug", "stronger": "StrongerAug"}.get(getattr(args, side + "_aug"))
+        names = [name for name, place in ((f"MultiCrop {args.multicrop}", args.multicrop and
+                 args.multicrop_on), ("ScaleMix", args.scalemix_on), ("SyncBN", args.syncbn_on))
+                 if place in (side, "both")] + [aug] * bool(aug) + [f"MeanEnc {n}"] * (n > 1)
+        designs.append(f"{side}: {', '.join(names) or 'no design'}")
+    return (f"{framework} {f'resumed at step {step}' if step else 'starts'}: {args.data}, "
+            f"{n_images} training images; {steps_per_epoch} steps an epoch, {last} in all; "
+            f"{world_size()} process(es) x {args.batch_size // world_size()} images a step; "
+            f"{'; '.join(designs)}; writes {args.output_dir}")
+
+
+def progress(step, last, first, start, batch_size=0):
+    """'step 40/2340, ETA 0:05:12' (batch_size: with images/s) at the pace since step `first`."""
+    pace = (step - first) / (time.time() - start)  # steps a second
+    speed = f", {batch_size * pace:.4g} images/s" if batch_size else ""
+    return f"step {step}/{last}{speed}, ETA {datetime.timedelta(seconds=round((last-step) / pace))}"
+
+
+def end_line(args, step, monitors):
+    """A run's last line: what it saved where, and its last kNN top-1 and variances."""
+    line = f"finished at step {step}: {args.output_dir}/checkpoint.pth and backbone.pth"
+    line += f"; kNN top-1 {monitors['knn_top1']:.1f}%" if "knn_top1" in monitors else ""
+    if "v_source" in monitors:
+        line += f"; v_source {monitors['v_source']:.4g}, v_target {monitors['v_target']:.4g}"
+        if monitors["v_target"] > monitors["v_source"]:  # as the paper's baseline (Fig. 2)
+            line += " (as in the paper's baseline; the designs on the target lower it)"
+    return line
+
+
+def say(message):
+    """A line for the user, on stdout, from rank 0 only."""
+    if rank() == 0:
+        print(message, flush=True)
+
+
+# ---- The monitors (the scripts' plumbing) --------------------------------------------------------
+# A weighted kNN on backbone features, sharded; the paper's source and target variance.
+@torch.no_grad()
+def extract_features(backbone, loader, device, args):
+    """l2-normalised backbone features and labels of a loader's images."""
+    features, labels = [], []
+    for images, y in loader:
+        images = images.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.to(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            features.append(F.normalize(backbone(images).float(), dim=1))
+        labels.append(y.to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def gather_padded(x, fill):
+    """Local rows of unequal counts -> all processes' rows, padded with `fill` to equal counts."""
+    n_max = int(gather(torch.tensor([len(x)], device=x.device)).max())
+    pad = torch.full((n_max - len(x), *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    return gather(torch.cat([x, pad]))
+
+
+@torch.no_grad()
+def knn_accuracy(backbone, bank_loader, test_loader, device, args):
+    """Top-1 (%) of a weighted kNN classifier (--knn-k, --knn-t) on backbone features. Each process
+    keeps its shard of the bank; the k nearest of every shard are gathered and merged."""
+    was_training = backbone.training
+    backbone.eval()
+    bank, bank_labels = extract_features(backbone, bank_loader, device, args)
+    test, test_labels = extract_features(backbone, test_loader, device, args)
+    test, test_labels = gather_padded(test, 0.0), gather_padded(test_labels, -1)  # every image
+    test, test_labels = test[test_labels >= 0], test_labels[test_labels >= 0]
+    k = min(args.knn_k, int(gather(torch.tensor([len(bank)], device=device)).min()))
+    sims, labels = [], []
+    for chunk in test.split(1024):
+        s, i = (chunk @ bank.T).topk(k, dim=1)  # cosine similarity to this shard's k nearest
+        sims.append(s)
+        labels.append(bank_labels[i])
+    sims = torch.cat(gather(torch.cat(sims)[None]).unbind(0), dim=1)  # Nx(world*k)
+    labels = torch.cat(gather(torch.cat(labels)[None]).unbind(0), dim=1)
+    sims, top = sims.topk(k, dim=1)  # the k nearest of the whole bank
+    weights = (sims / args.knn_t).exp()
+    n_classes = int(max(labels.max(), test_labels.max())) + 1
+    scores = torch.zeros(len(test), n_classes, device=device)
+    scores.scatter_add_(1, labels.gather(1, top), weights)
+    backbone.train(was_training)
+    return (scores.argmax(1) == test_labels).float().mean().item() * 100
+
+
+# +-----------------------------------------------------------------------------------------+
+# | The paper's central quantity (Fig. 2): how much the l2-normalised encodings of an image |
+# | spread over its views. Keep the target's below the source's: designs that raise it     |
+# | belong on the source, those that lower it on the target. Each side is measured with    |
+# | its own views (its recipe and designs) and its own BN (AsymBN), as training encodes    |
+# | it; variance.py --sides gives the same numbers for a checkpoint.                       |
+# +-----------------------------------------------------------------------------------------+
+def probe_batches(n_images, args):
+    """The variance probe's BN batches: G = min(--batch-size, images) consecutive images, G a
+    multiple of the devices (processes x --bn-splits), image k to process k mod world as training's
+    sampler. -> per batch, per draw j < r, this process's items (image x r + j)."""
+    devices, r = world_size() * args.bn_splits, args.variance_views
+    g = min(args.batch_size, n_images) // devices * devices
+    if g < 2 * devices:
+        raise InputError(f"the variance monitor needs {2 * devices} or more held-out images (BN "
+                         f"batches of 2 per device), the split has {n_images}: "
+                         f"pass --variance-every -1")
+    return [[image * r + j for image in range(start + rank(), start + g, world_size())]
+            for start in range(0, n_images - g + 1, g) for j in range(r)]
+
+
+def probe_loader(held_out, views, args):
+    """The monitor's probe: the first --variance-images held-out images, each drawn --variance-views
+    times with the training `views`, draw j of image i seeded by its item i * r + j: the same views
+    at every evaluation. A batch: one draw of one BN batch's images (probe_batches), view-major."""
+    n = min(args.variance_images, len(held_out))
+    draws = torch.utils.data.Subset(held_out, [i for i in range(n)
+                                               for _ in range(args.variance_views)])
+    return torch.utils.data.DataLoader(
+        SeededDataset(draws, views, args.seed), batch_sampler=probe_batches(n, args),
+        num_workers=args.workers, collate_fn=collate_views, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
+
+
+@torch.no_grad()
+def side_encodings(encode, batch, side, args):
+    """One draw of a side's views -> its NxD encodings, as training makes them: the standard views'
+    (MeanEnc: the un-normalised mean of n) and each of MultiCrop's small crops' on this side."""
+    n = args.mean_enc_source if side == "source" else args.mean_enc
+    z = encode(batch[side], side).float()
+    encodings = [z.view(n, -1, z.shape[-1]).mean(0)]
+    if side + "_small" in batch:
+        small = batch[side + "_small"]
+        per_crop = args.multicrop_per_crop and side == "source"
+        crops = small.chunk(args.multicrop) if per_crop else [small]
+        z_small = torch.cat([encode(x, side) for x in crops]).float()
+        encodings += z_small.chunk(args.multicrop)
+    return encodings
+
+
+@torch.no_grad()
+def asymmetry_variance(encoders, encode, loader, device, args):
+    """Each side's variance on the probe (probe_loader): per image, that of its K l2-normalised
+    encodings (intra_sample_variance; K = r draws x (1 + m) where MultiCrop's m crops are on the
+    side, else r), v = the mean over images. encode(x, side): the script's side_encode; BN in
+    train mode; the (source, target) encoders left as they were (BN statistics restored, the RNG
+    forked and seeded by --seed). -> v_source, v_target, v_ratio (target/source), v_uniform_*
+    ((1 - 1/K)/d: uniform on the sphere), v_std_* (SimSiam's std x sqrt(d) per draw, averaged)."""
+    sides, r = ("source", "target"), args.variance_views
+    modes = [encoder.training for encoder in encoders]
+    buffers = [b.clone() for encoder in encoders for b in encoder.buffers()]
+    sums = {side: torch.zeros(2, dtype=torch.float64, device=device) for side in sides}
+    moments, k = {}, {}  # side -> 2 x r x D: sums of the standard encodings and their squares; K
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.default_generator.manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(args.seed)
+        for encoder in encoders:
+            encoder.train()
+        draws = {side: [] for side in sides}
+        for i, (batch, _) in enumerate(loader):
+            batch = finish_views({kind: x.to(device, non_blocking=True)
+                                  for kind, x in batch.items()})
+            if args.channels_last:
+                batch = {kind: x.to(memory_format=torch.channels_last) for kind, x in batch.items()}
+            with autocast(device, args.amp):
+                for side in sides:
+                    draws[side].append(side_encodings(encode, batch, side, args))
+            if i % r < r - 1:
+                continue
+            for side in sides:  # the r draws of this batch's images are in
+                z = torch.stack([e for draw in draws[side] for e in draw])  # KxNxD
+                v = intra_sample_variance(z)  # N
+                sums[side][0] += v.double().sum()
+                sums[side][1] += len(v)
+                u = F.normalize(torch.stack([draw[0] for draw in draws[side]]).double(), dim=-1)
+                moments[side] = moments.get(side, 0) + torch.stack([u.sum(1), (u ** 2).sum(1)])
+                k[side], draws[side] = len(z), []
+    for b, saved in zip([b for encoder in encoders for b in encoder.buffers()], buffers):
+        b.copy_(saved)
+    for encoder, mode in zip(encoders, modes):
+        encoder.train(mode)
+    stats = torch.cat([torch.cat([sums[side], moments[side].flatten()]) for side in sides])
+    if world_size() > 1:
+        torch.distributed.all_reduce(stats)  # one all-reduce for both sides
+    record = {}
+    for side, part in zip(sides, stats.split(len(stats) // 2)):
+        (v_sum, n), (s1, s2) = part[:2], part[2:].view(moments[side].shape)
+        std = ((s2 - s1 ** 2 / n) / (n - 1)).clamp(min=0).sqrt()  # rxD: over the images
+        d = std.shape[1]
+        record.update({f"v_{side}": (v_sum / n).item(),
+                       f"v_uniform_{side}": uniform_reference(k[side], d),
+                       f"v_std_{side}": (std.mean(1) * math.sqrt(d)).mean().item()})
+    return {"v_source": record["v_source"], "v_target": record["v_target"],
+            "v_ratio": record["v_target"] / record["v_source"],
+            **{key: record[key] for key in ("v_uniform_source", "v_uniform_target", "v_std_source",
+                                            "v_std_target")}}

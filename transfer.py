@@ -100,14 +100,8 @@ def parse_args(argv=None):
                         "off on CPU")
     g = p.add_argument_group("probe")
     g.add_argument("--lambdas", type=int, default=45,
-                   help="how many log-spaced L2 strengths wd in [1e-6, 1e5] to search. wd is on "
-                        "the summed loss, as scikit-learn's C = 1/wd in the reference code: sum CE "
-                        "+ wd/2 ||W||^2, i.e. mean CE + lambda/2 ||W||^2 with lambda = wd / n "
-                        "for n training images (n = 400: lambda in [2.5e-9, 250]; n = 4000: "
-                        "[2.5e-10, 25]; n = 50000: [2e-11, 2]). Large lambda shrinks W to almost "
-                        "0, a constant classifier in effect, and the fewer the images the more of "
-                        "the grid's top does so: on 400 CIFAR-10 images of a random ResNet-18, wd "
-                        ">= 3.2e3 (lambda >= 7.9) predicted 2-3 of the 10 classes (README)")
+                   help="log-spaced L2 strengths wd in [1e-6, 1e5] to search, on the summed "
+                        "loss as scikit-learn's C = 1/wd (docs/evaluation.md)")
     g.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="validation share of train where no official split exists")
@@ -399,7 +393,7 @@ def extract(backbone, dataset, device, args):
                                          pin_memory=device.type == "cuda")
     features, targets = [], []
     for images, y in loader:
-        with lincls.autocast(device, args):
+        with augment.autocast(device, args.amp):
             features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
         targets.append(torch.as_tensor(y))
     return torch.cat(features), torch.cat(targets)
@@ -439,7 +433,8 @@ def features_of(name, splits, backbone, device, args):
     feats = {split: None if ds is None else extract(backbone, ds, device, args)
              for split, ds in splits.items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    lincls.save_atomic({"fingerprint": fingerprint, "features": feats, "skipped": skipped}, path)
+    torch.save({"fingerprint": fingerprint, "features": feats, "skipped": skipped}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # whole or not at all
     print(f"{name}: features of "
           f"{', '.join(f'{len(v[0])} {k}' for k, v in feats.items() if v)} images "
           f"in {time.time() - tick:.0f} s -> {path}", flush=True)

@@ -5,9 +5,9 @@ Li, Efros and Pathak (2022), for a checkpoint of any of the six *_asym.py script
 Method in five lines:
     a fixed encoder: the checkpoint's source, backbone + projector (--features backbone: pool-5)
     each validation image -> r views by the design under study (augment.Views, as in training)
-    z_1..z_r = normalize(encoder(views))    BN in train mode: per-batch statistics, as in pretraining
-    v(image) = mean over the d dimensions of the variance over the r encodings = (1 - ||mean z||^2) / d
-    v = mean over images; designs that raise v belong on the source, those that lower it on the target
+    z_1..z_r = normalize(encoder(views))  BN in train mode: per-batch statistics, as in pretraining
+    v(image) = mean over the d dims of the variance over the r encodings = (1 - ||mean z||^2) / d
+    v = mean over images; designs that raise v belong on the source, those lowering it on the target
 
 Designs (--designs, any subset; the baseline is always measured, every ratio is to it):
     baseline    the framework's default view (its source recipe)
@@ -17,15 +17,19 @@ Designs (--designs, any subset; the baseline is always measured, every ratio is 
     meanenc:N   MeanEnc: each of the r encodings is the normalised mean of N encodings
 --collapse adds the singular-value spectrum of the backbone features (eval mode and eval views),
 its cumulative explained variance and AUC (0.5 flat ... 1 rank one), and SimSiam's std x sqrt(d).
---sides measures a run instead: its source and target, each with its own views and BN, by the training
-script's variance monitor itself (asymmetry_variance), so the numbers are those of the run's log.
+--sides measures a run instead: its source and target, each with its own views and BN, by the
+training scripts' variance monitor itself (augment.asymmetry_variance with the script's
+side_encode), so the numbers are those of the run's log.
 
 Examples:
     python variance.py --checkpoint runs/mocov2_asym --data /path/to/imagenet --collapse   # Fig. 2
     python variance.py --framework mocov2 --arch resnet18 --image-size 32 --data synthetic \\
-        --num-images 256 --views 8 --batch-size 32 --syncbn-devices 4 --workers 2   # random encoder, CPU
-    torchrun --nproc_per_node=8 variance.py --checkpoint runs/mocov2_asym/checkpoint.pth --data $IMAGENET
-    python variance.py --checkpoint runs/quickstart --data synthetic --sides --num-images 256 --views 8  # its log's numbers
+        --num-images 256 --views 8 --batch-size 32 --syncbn-devices 4 \\
+        --workers 2   # random encoder, CPU
+    torchrun --nproc_per_node=8 variance.py --checkpoint runs/mocov2_asym/checkpoint.pth \\
+        --data $IMAGENET
+    python variance.py --checkpoint runs/quickstart --data synthetic --sides --num-images 256 \\
+        --views 8   # its log's numbers
 """
 import argparse
 import csv
@@ -45,85 +49,112 @@ import torch.nn.functional as F
 
 import augment
 # the per-image variance and its uniform reference: one implementation, which the training scripts'
-# variance monitor (asymmetry_variance) uses too
-from augment import intra_sample_variance, uniform_reference  # noqa: F401 (part of this module's API)
+# variance monitor (augment.asymmetry_variance) uses too
+from augment import intra_sample_variance, uniform_reference  # noqa: F401 (this module's API too)
 
 # =============================================================================================
 # Arguments
 # =============================================================================================
-FRAMEWORKS = ("mocov2", "byol", "simsiam", "simclr", "barlow", "mocov3")  # framework -> <framework>_asym.py
+# framework -> its script, <framework>_asym.py (and a checkpoint's "framework")
+FRAMEWORKS = ("mocov2", "byol", "simsiam", "simclr", "barlow", "mocov3")
 DESIGNS = ("baseline", "multicrop", "scalemix", "stronger", "weaker", "syncbn", "meanenc:2")
-# the paper's Fig. 2 (x1e-4): MoCo v2 800-epoch baseline source encoder, ResNet-50, ImageNet val, r = 32
+# the paper's Fig. 2 (x1e-4): MoCo v2 800-epoch baseline source encoder, ResNet-50, ImageNet val,
+# r = 32
 PAPER = {"baseline": 8.5, "multicrop": 38.0, "scalemix": 29.5, "stronger": 19.7, "weaker": 6.9,
          "syncbn": 8.3, "meanenc:2": 4.2}
-NAMES = {"baseline": "baseline", "multicrop": "MultiCrop", "scalemix": "ScaleMix", "stronger": "StrongerAug",
-         "weaker": "WeakerAug", "syncbn": "SyncBN"}
+NAMES = {"baseline": "baseline", "multicrop": "MultiCrop", "scalemix": "ScaleMix",
+         "stronger": "StrongerAug", "weaker": "WeakerAug", "syncbn": "SyncBN"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Variance reference (Wang et al. 2022, Fig. 2) and dimensional-collapse AUC",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data (the held-out split: val/ or test/, as the paper's validation images)")
+    p = argparse.ArgumentParser(description="Variance reference (Wang et al. 2022, Fig. 2) and "
+                                            "dimensional-collapse AUC",
+                                formatter_class=augment.HelpFormatter)
+    g = p.add_argument_group("data (the held-out split: val/ or test/, as the paper's validation "
+                             "images)")
     g.add_argument("--data", default="synthetic",
-                   help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root with train/ and val/ or test/")
-    g.add_argument("--data-root", default="data", help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
+                   help="synthetic (built in) | cifar10 | cifar100 | stl10 | ImageFolder root "
+                        "with train/ and val/ or test/")
+    g.add_argument("--data-root", default="data",
+                   help="where cifar10 / cifar100 / stl10 are looked for and downloaded")
     g.add_argument("--skip-bad-images", action="store_true",
-                   help="leave unreadable images out with a warning instead of stopping: the first --num-images are "
-                        "checked first and only the readable ones are measured, each once")
-    g.add_argument("--image-size", type=int, help="standard crop size (default: the checkpoint's, else 224)")
+                   help="leave unreadable images out with a warning instead of stopping: the "
+                        "first --num-images are checked first and only the readable ones are "
+                        "measured, each once")
+    g.add_argument("--image-size", type=int,
+                   help="standard crop size (default: the checkpoint's, else 224)")
     g.add_argument("--num-images", type=int, default=0,
-                   help="first N held-out images (0: all; --skip-bad-images: the readable ones among them); "
-                        "rounded down to a multiple of --batch-size")
+                   help="first N held-out images (0: all; --skip-bad-images: the readable ones "
+                        "among them); rounded down to a multiple of --batch-size")
     g.add_argument("--workers", type=int, default=4,
-                   help="data loading processes per process (each holds a batch of B x r views: fewer if memory is short)")
+                   help="data loading processes per process (each holds a batch of B x r views: "
+                        "fewer if memory is short)")
     g = p.add_argument_group("encoder")
-    g.add_argument("--checkpoint", help="checkpoint.pth of any *_asym.py script, or its output dir (none: a random-init encoder)")
+    g.add_argument("--checkpoint", help="checkpoint.pth of any *_asym.py script, or its output dir "
+                   "(none: a random-init encoder)")
     g.add_argument("--framework", choices=FRAMEWORKS,
-                   help="which script's encoder and default views (default: detected from the checkpoint, else mocov2)")
-    g.add_argument("--arch", help="random-init encoder: its architecture (default resnet50); with --checkpoint it "
-                   "comes from the checkpoint, and a different --arch is an error")
-    g.add_argument("--cifar-stem", action="store_true", help="random-init encoder: 3x3 stride-1 stem, no max-pool "
-                   "(with --checkpoint: from the checkpoint; given for one without it, an error)")
+                   help="which script's encoder and default views (default: detected from the "
+                        "checkpoint, else mocov2)")
+    g.add_argument("--arch", help="random-init encoder: its architecture (default resnet50); with "
+                   "--checkpoint it comes from the checkpoint, and a different --arch is an error")
+    g.add_argument("--cifar-stem", action="store_true", help="random-init encoder: 3x3 stride-1 "
+                   "stem, no max-pool (with --checkpoint: from the checkpoint; given for one "
+                   "without it, an error)")
     g.add_argument("--features", choices=["projector", "backbone"], default="projector",
-                   help="encodings: backbone + projector (the paper) or the pool-5 backbone features")
+                   help="encodings: backbone + projector (the paper) or the pool-5 backbone "
+                        "features")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision; auto: bf16 (or fp16 without bf16 support) on CUDA, off on CPU")
+                   help="mixed precision; auto: bf16 (or fp16 without bf16 support) on CUDA, off "
+                        "on CPU")
     g = p.add_argument_group("variance reference")
     g.add_argument("--designs", nargs="+", default=list(DESIGNS), metavar="DESIGN",
                    help="any of baseline multicrop scalemix stronger weaker syncbn meanenc:N")
-    g.add_argument("--views", type=int, default=32, metavar="R", help="r views per image (the paper: 32)")
+    g.add_argument("--views", type=int, default=32, metavar="R",
+                   help="r views per image (the paper: 32)")
     g.add_argument("--batch-size", type=int, default=32,
-                   help="B images per BN batch, one view each: one device's batch in pretraining (the paper: 256 on 8 GPUs)")
+                   help="B images per BN batch, one view each: one device's batch in pretraining "
+                        "(the paper: 256 on 8 GPUs)")
     g.add_argument("--syncbn-devices", type=int, default=8,
-                   help="syncbn: the projector BN sees k batches of B at once, as SyncBN over k devices would")
-    g.add_argument("--seed", type=int, default=0, help="seeds the views (per image) and a random-init encoder")
-    g = p.add_argument_group("the run's own source and target (the training scripts' variance monitor)")
+                   help="syncbn: the projector BN sees k batches of B at once, as SyncBN over k "
+                        "devices would")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the views (per image) and a random-init encoder")
+    g = p.add_argument_group("the run's own source and target (the training scripts' variance "
+                             "monitor)")
     g.add_argument("--sides", action="store_true",
-                   help="instead of --designs: the checkpoint's source and target, each with its run's views, designs, BN "
-                        "and --seed, in its run's BN batches: the numbers its variance monitor logs (v_source, v_target, "
-                        "v_ratio, ...), by the script's own asymmetry_variance; --num-images 256 --views 8 are its defaults")
+                   help="instead of --designs: the checkpoint's source and target, each with its "
+                        "run's views, designs, BN and --seed, in its run's BN batches: the numbers "
+                        "its variance monitor logs (v_source, v_target, v_ratio, ...), by the "
+                        "monitor's own code; --num-images 256 --views 8 are its defaults")
     g.add_argument("--bn-splits", type=int,
-                   help="--sides: per-device BN groups per process (default: the checkpoint's --bn-splits); a run on W "
-                        "processes measured on one: W x its --bn-splits (or run this on W processes)")
+                   help="--sides: per-device BN groups per process (default: the checkpoint's "
+                        "--bn-splits); a run on W processes measured on one: W x its --bn-splits "
+                        "(or run this on W processes)")
     g = p.add_argument_group("dimensional collapse")
-    g.add_argument("--collapse", action="store_true", help="also the singular-value spectrum and its AUC (Li et al. 2022): "
-                   "min(N, D) singular values of N images x D dimensions, as their torch.svd(R).S")
-    g.add_argument("--collapse-l2", action="store_true", help="l2-normalise the feature rows before centring (default: raw pool-5)")
+    g.add_argument("--collapse", action="store_true", help="also the singular-value spectrum and "
+                   "its AUC (Li et al. 2022): min(N, D) singular values of N images x D "
+                   "dimensions, as their torch.svd(R).S")
+    g.add_argument("--collapse-l2", action="store_true", help="l2-normalise the feature rows "
+                   "before centring (default: raw pool-5)")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/variance", help="variance.md, variance.csv, variance_per_image.csv, plots")
+    g.add_argument("--output-dir", default="runs/variance",
+                   help="variance.md, variance.csv, variance_per_image.csv, plots")
     g.add_argument("--print-freq", type=int, default=10, help="a progress line every N batches")
     return p.parse_args(argv)
 
 
 def parse_design(name):
-    """'meanenc:3' -> ('meanenc', 3); 'multicrop' -> ('multicrop', 1). Unknown names raise InputError."""
+    """'meanenc:3' -> ('meanenc', 3); 'multicrop' -> ('multicrop', 1). Unknown names raise
+    InputError."""
     kind, _, n = name.partition(":")
     if kind == "meanenc":
         if not n.isdigit() or int(n) < 1:
-            raise augment.InputError(f"--designs {name}: write meanenc:N with N >= 1 encodings averaged (e.g. meanenc:2)")
+            raise augment.InputError(f"--designs {name}: write meanenc:N with N >= 1 encodings "
+                                     f"averaged (e.g. meanenc:2)")
         return kind, int(n)
     if kind not in DESIGNS or n:
-        raise augment.InputError(f"--designs {name}: unknown design (baseline, multicrop, scalemix, stronger, weaker, syncbn, meanenc:N)")
+        raise augment.InputError(f"--designs {name}: unknown design (baseline, multicrop, "
+                                 f"scalemix, stronger, weaker, syncbn, meanenc:N)")
     return kind, 1
 
 
@@ -152,9 +183,9 @@ class DesignViews:
 
 
 def image_batches(images, args):
-    """Batches of B consecutive images (indices into the data set) in groups of k batches (one SyncBN
-    group); process i takes every world-th group, so every design sees the same BN batches on any
-    number of processes."""
+    """Batches of B consecutive images (indices into the data set) in groups of k batches (one
+    SyncBN group); process i takes every world-th group, so every design sees the same BN batches
+    on any number of processes."""
     b, k = args.batch_size, args.syncbn_devices
     batches = [list(images[start:start + b]) for start in range(0, len(images), b)]
     groups = [batches[start:start + k] for start in range(0, len(batches), k)]
@@ -164,18 +195,14 @@ def image_batches(images, args):
 def loader(dataset, batches, args):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
                                        pin_memory=torch.cuda.is_available(),
-                                       prefetch_factor=1 if args.workers else None)  # batches of B x r views are large
+                                       # batches of B x r views are large
+                                       prefetch_factor=1 if args.workers else None)
 
 
 # =============================================================================================
 # Model (the script's own Encoder, loaded from its checkpoint)
 # =============================================================================================
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+world_size, rank = augment.world_size, augment.rank
 
 
 def script_defaults(framework):
@@ -189,6 +216,12 @@ def detect_framework(stored):
     return min(FRAMEWORKS, key=lambda name: len(set(stored) ^ set(script_defaults(name)[1])))
 
 
+def checkpoint_framework(ckpt):
+    """The script that wrote the checkpoint: its "framework", else (a checkpoint without one) the
+    closest set of argument names (detect_framework)."""
+    return ckpt["framework"] if "framework" in ckpt else detect_framework(ckpt["args"])
+
+
 def read_checkpoint(path):
     """checkpoint.pth (or its output dir) -> its dict; anything else raises InputError."""
     path = os.path.join(path, "checkpoint.pth") if os.path.isdir(path) else path
@@ -196,8 +229,9 @@ def read_checkpoint(path):
         raise augment.InputError(f"--checkpoint {path}: no such file")
     ckpt = augment.load_weights(path)
     if not isinstance(ckpt, dict) or not {"args", "source"} <= set(ckpt):
-        raise augment.InputError(f"--checkpoint {path}: not a checkpoint.pth of the *_asym.py scripts "
-                                 f"(no 'args' and 'source'; backbone.pth holds the backbone only)")
+        raise augment.InputError(f"--checkpoint {path}: not a checkpoint.pth of the *_asym.py "
+                                 f"scripts (no 'args' and 'source'; backbone.pth holds the "
+                                 f"backbone only)")
     return ckpt
 
 
@@ -206,30 +240,36 @@ def build_encoder(args, device):
     loaded but not used), from --checkpoint or randomly initialised as the script would at --seed.
     -> encoder, framework, the script's arguments."""
     ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
-    framework = args.framework or (detect_framework(ckpt["args"]) if ckpt else "mocov2")
+    framework = args.framework or (checkpoint_framework(ckpt) if ckpt else "mocov2")
     module, defaults = script_defaults(framework)
     if ckpt:
         model_args = argparse.Namespace(**{**defaults, **ckpt["args"]})
         if args.arch and args.arch != model_args.arch:
-            raise augment.InputError(f"--arch {args.arch}, but --checkpoint {args.checkpoint} holds a {model_args.arch}: "
-                                     f"leave --arch out (the checkpoint brings its own) or pass --arch {model_args.arch}")
+            raise augment.InputError(f"--arch {args.arch}, but --checkpoint {args.checkpoint} "
+                                     f"holds a {model_args.arch}: leave --arch out (the checkpoint "
+                                     f"brings its own) or pass --arch {model_args.arch}")
         if args.cifar_stem and not model_args.cifar_stem:
-            raise augment.InputError(f"--cifar-stem, but --checkpoint {args.checkpoint} has the ImageNet stem: leave it out")
+            raise augment.InputError(f"--cifar-stem, but --checkpoint {args.checkpoint} has the "
+                                     f"ImageNet stem: leave it out")
     else:
         known = module.RESNETS + list(getattr(module, "VITS", []))
         if (args.arch or "resnet50") not in known:
-            raise augment.InputError(f"--arch {args.arch} is not an architecture of {framework}_asym.py ({', '.join(known)})")
-        model_args = argparse.Namespace(**{**defaults, "arch": args.arch or "resnet50", "cifar_stem": args.cifar_stem,
+            raise augment.InputError(f"--arch {args.arch} is not an architecture of "
+                                     f"{framework}_asym.py ({', '.join(known)})")
+        model_args = argparse.Namespace(**{**defaults, "arch": args.arch or "resnet50",
+                                           "cifar_stem": args.cifar_stem,
                                            "image_size": args.image_size or 224})
     torch.manual_seed(args.seed)
     with_predictor = "predictor" in inspect.signature(module.Encoder).parameters
-    encoder = module.Encoder(model_args, predictor=True) if with_predictor else module.Encoder(model_args)
+    encoder = module.Encoder(model_args, predictor=True) if with_predictor else \
+        module.Encoder(model_args)
     if ckpt:
         try:
             encoder.load_state_dict(ckpt["source"])
         except RuntimeError as e:
-            raise augment.InputError(f"--checkpoint {args.checkpoint}: its source does not fit {framework}_asym.py's "
-                                     f"encoder ({' '.join(str(e).split())[:200]})") from None
+            raise augment.InputError(f"--checkpoint {args.checkpoint}: its source does not fit "
+                                     f"{framework}_asym.py's encoder "
+                                     f"({' '.join(str(e).split())[:200]})") from None
     # BN runs in train mode below (batch statistics) but must not overwrite the running statistics
     # the checkpoint holds: --collapse uses them in eval mode
     for m in encoder.modules():
@@ -303,7 +343,8 @@ class Progress:
         self.total, self.done, self.start, self.args = total_views, 0, time.time(), args
 
     def begin(self, design, n_images):
-        self.design, self.n_images, self.images, self.design_start = design, n_images, 0, time.time()
+        self.design, self.n_images, self.images = design, n_images, 0
+        self.design_start = time.time()
 
     def update(self, images, views, batch_index, last):
         self.images, self.done = self.images + images, self.done + views
@@ -313,8 +354,9 @@ class Progress:
         rate = self.images * world_size() / max(now - self.design_start, 1e-9)
         done = self.done * world_size()  # every process does about the same share
         eta = max(self.total - done, 0) * (now - self.start) / done
-        print(f"{self.design}: {self.images * world_size()}/{self.n_images} images, {rate:.1f} images/s, "
-              f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+        print(f"{self.design}: {self.images * world_size()}/{self.n_images} images, "
+              f"{rate:.1f} images/s, ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+              flush=True)
 
 
 @torch.no_grad()
@@ -354,10 +396,12 @@ def eval_features(encoder, dataset, batches, device, args):
 
 
 def gather_in_order(x, indices):
-    """This process's rows and their image indices -> every process's rows in image order (rank 0 uses them)."""
+    """This process's rows and their image indices -> every process's rows in image order (rank 0
+    uses them)."""
     if world_size() == 1:
         return x
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
     n = torch.tensor([len(x)], device=device)
     sizes = [torch.empty_like(n) for _ in range(world_size())]
     dist.all_gather(sizes, n)
@@ -366,7 +410,8 @@ def gather_in_order(x, indices):
     rows[:len(x)] = x.to(device)
     index = torch.full((n_max,), -1, dtype=torch.long, device=device)
     index[:len(x)] = torch.as_tensor(indices, device=device)
-    all_rows, all_index = [torch.empty_like(rows) for _ in sizes], [torch.empty_like(index) for _ in sizes]
+    all_rows = [torch.empty_like(rows) for _ in sizes]
+    all_index = [torch.empty_like(index) for _ in sizes]
     dist.all_gather(all_rows, rows)
     dist.all_gather(all_index, index)
     rows, index = torch.cat(all_rows).cpu(), torch.cat(all_index).cpu()
@@ -395,8 +440,10 @@ def plot_cdfs(per_image, path, plt):
     for ax, design in zip(axes.flat, designs):
         v = per_image[design].numpy() * 1e4
         colour = "tab:red" if v.mean() > base.mean() else "tab:blue"
-        for values, name, c in ((base, "baseline", "grey"), (v, design_name(design), colour))[:1 if design == "baseline" else 2]:
-            ax.plot(np.sort(values), np.arange(1, len(values) + 1) / len(values), color=c, label=f"{name}, mean {values.mean():.1f}")
+        curves = ((base, "baseline", "grey"), (v, design_name(design), colour))
+        for values, name, c in curves[:1 if design == "baseline" else 2]:
+            ax.plot(np.sort(values), np.arange(1, len(values) + 1) / len(values), color=c,
+                    label=f"{name}, mean {values.mean():.1f}")
             ax.axvline(values.mean(), color=c, linestyle=":")
         ax.set_xlabel("per-image variance (x1e-4)")
         ax.set_ylabel("fraction of images")
@@ -426,8 +473,8 @@ def plot_spectrum(s, cev, auc, path, plt):
 
 
 def write_outputs(per_image, images, collapse, d, info, args):
-    """variance.md (printed too), variance.csv, variance_per_image.csv (one row per data-set index in
-    `images`), collapse_spectrum.csv and the plots."""
+    """variance.md (printed too), variance.csv, variance_per_image.csv (one row per data-set index
+    in `images`), collapse_spectrum.csv and the plots."""
     os.makedirs(args.output_dir, exist_ok=True)
     base = per_image["baseline"].mean().item()
     lines = [f"Variance reference: {info}. Encodings uniform on the sphere give (1 - 1/r)/d = "
@@ -441,7 +488,8 @@ def write_outputs(per_image, images, collapse, d, info, args):
             mean = v.mean().item()
             paper = PAPER.get(design)
             paper_cells = f"{paper:.1f} | {paper / PAPER['baseline']:.2f}" if paper else "- | -"
-            lines.append(f"| {design_name(design)} | {mean * 1e4:.2f} | {mean / base:.2f} | {paper_cells} |")
+            lines.append(f"| {design_name(design)} | {mean * 1e4:.2f} | {mean / base:.2f} | "
+                         f"{paper_cells} |")
             writer.writerow([design, f"{mean:.6e}", f"{mean / base:.4f}", len(v), args.views, d])
     with open(os.path.join(args.output_dir, "variance_per_image.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -456,8 +504,10 @@ def write_outputs(per_image, images, collapse, d, info, args):
         notes.append("plots skipped: matplotlib is not installed (pip install matplotlib)")
     if collapse:
         s, cev, auc, std, n, d_features, rows = collapse
-        lines += ["", "Partial dimensional collapse (Li, Efros, Pathak 2022): backbone features, eval mode and eval views.", "",
-                  "| images N | dim D | singular values min(N, D) | rows | AUC | std x sqrt(D) |", "|---|---|---|---|---|---|",
+        lines += ["", "Partial dimensional collapse (Li, Efros, Pathak 2022): backbone features, "
+                      "eval mode and eval views.", "",
+                  "| images N | dim D | singular values min(N, D) | rows | AUC | std x sqrt(D) |",
+                  "|---|---|---|---|---|---|",
                   f"| {n} | {d_features} | {len(s)} | {rows} | {auc:.3f} | {std:.3f} |"]
         with open(os.path.join(args.output_dir, "collapse_spectrum.csv"), "w", newline="") as f:
             writer = csv.writer(f)
@@ -472,11 +522,13 @@ def write_outputs(per_image, images, collapse, d, info, args):
 
 
 def collapse_measures(features, args):
-    """N x F backbone features -> singular values, CEV, AUC, SimSiam std x sqrt(F), N, F, row treatment."""
+    """N x F backbone features -> singular values, CEV, AUC, SimSiam std x sqrt(F), N, F, row
+    treatment."""
     n, f = features.shape
     if n < f:
-        print(f"note: {n} images < {f} dimensions: the spectrum has {n} values (Li et al.'s min(N, D)), at most "
-              f"{n - 1} of them non-zero, so the AUC compares only at equal N; use more images than dimensions", flush=True)
+        print(f"note: {n} images < {f} dimensions: the spectrum has {n} values (Li et al.'s "
+              f"min(N, D)), at most {n - 1} of them non-zero, so the AUC compares only at equal N; "
+              f"use more images than dimensions", flush=True)
     s = singular_values(features, args.collapse_l2)
     cev, auc = cumulative_explained_variance(s)
     return s, cev, auc, simsiam_std(features), n, f, "l2-normalised" if args.collapse_l2 else "raw"
@@ -488,7 +540,8 @@ def check_args(args, n_images):
     if args.views < 2:
         problems.append(f"--views {args.views}: a variance needs 2 or more views per image")
     if args.batch_size < 2:
-        problems.append(f"--batch-size {args.batch_size}: BN in train mode needs 2 or more images per batch")
+        problems.append(f"--batch-size {args.batch_size}: BN in train mode needs 2 or more images "
+                        f"per batch")
     elif n_images < args.batch_size:
         problems.append(f"{n_images} images is fewer than one --batch-size {args.batch_size}")
     if args.syncbn_devices < 1:
@@ -497,8 +550,8 @@ def check_args(args, n_images):
         problems.append("--print-freq must be 1 or more")
     groups = math.ceil(n_images // max(args.batch_size, 1) / max(args.syncbn_devices, 1))
     if n_images >= args.batch_size >= 2 and groups < world_size():
-        problems.append(f"{groups} groups of --syncbn-devices x --batch-size images for {world_size()} processes: "
-                        f"use more images or fewer processes")
+        problems.append(f"{groups} groups of --syncbn-devices x --batch-size images for "
+                        f"{world_size()} processes: use more images or fewer processes")
     if problems:
         raise augment.InputError("; ".join(problems))
 
@@ -512,9 +565,11 @@ def run(args):
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
     if args.amp == "auto":
-        args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        args.amp = "off" if device.type != "cuda" else \
+            "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if args.sides:
         measure_sides(args, device)
     else:
@@ -525,14 +580,17 @@ def run(args):
 
 
 def measure_designs(args, device):
-    """Fig. 2: every design's views on one fixed encoder (the checkpoint's source or a random one)."""
-    designs = list(dict.fromkeys(["baseline"] + [d.lower() for d in args.designs]))  # baseline first, once
+    """Fig. 2: every design's views on one fixed encoder (the checkpoint's source or a random
+    one)."""
+    # baseline first, once
+    designs = list(dict.fromkeys(["baseline"] + [d.lower() for d in args.designs]))
     for design in designs:
         parse_design(design)
     encoder, args.framework, model_args = build_encoder(args, device)
     args.image_size = args.image_size or model_args.image_size
-    dataset = augment.dataset(args.data, "test", None, args.data_root, args.seed, args.skip_bad_images)
-    images = list(range(min(args.num_images or len(dataset), len(dataset))))  # the first N held-out images
+    dataset = augment.dataset(args.data, "test", None, args.data_root, args.seed)
+    # the first N held-out images
+    images = list(range(min(args.num_images or len(dataset), len(dataset))))
     check_args(args, len(images))
     skipped = 0
     if args.skip_bad_images:  # each readable image once: read them all now, measure those that load
@@ -542,69 +600,84 @@ def measure_designs(args, device):
     batches = image_batches(images[:n_images], args)
     indices = [i for batch in batches for i in batch]
     if args.features == "backbone" and "syncbn" in designs and rank() == 0:
-        print("note: --features backbone has no projector BN, so syncbn equals the baseline", flush=True)
+        print("note: --features backbone has no projector BN, so syncbn equals the baseline",
+              flush=True)
 
     per_image = {}
-    progress = Progress(sum(args.views * parse_design(design)[1] for design in designs) * n_images, args)
+    progress = Progress(sum(args.views * parse_design(design)[1] for design in designs) * n_images,
+                        args)
     for design in designs:
         progress.begin(design, n_images)
         v, d = measure(encoder, design, dataset, batches, device, progress, args)
         per_image[design] = gather_in_order(v, indices)
-    features = gather_in_order(eval_features(encoder, dataset, batches, device, args), indices) if args.collapse else None
+    features = gather_in_order(eval_features(encoder, dataset, batches, device, args), indices) \
+        if args.collapse else None
     if rank() == 0:
         collapse = features is not None and collapse_measures(features, args)
     if rank() == 0:
-        source = f"{args.framework}_asym.py " + (f"checkpoint {args.checkpoint}" if args.checkpoint else
-                                                 f"random-init {model_args.arch} (seed {args.seed})")
+        source = f"{args.framework}_asym.py " + (
+            f"checkpoint {args.checkpoint}" if args.checkpoint else
+            f"random-init {model_args.arch} (seed {args.seed})")
         feature = "backbone + projector" if args.features == "projector" else "pool-5 backbone"
         unreadable = f" ({skipped} unreadable left out)" if args.skip_bad_images else ""
-        info = (f"{source}, source {feature} (d={d}), {n_images} {args.data} held-out images{unreadable} at {args.image_size} px, "
-                f"r={args.views} views, BN batches of {args.batch_size} (syncbn: {args.syncbn_devices} x {args.batch_size})")
+        info = (f"{source}, source {feature} (d={d}), {n_images} {args.data} held-out "
+                f"images{unreadable} at {args.image_size} px, r={args.views} views, BN batches of "
+                f"{args.batch_size} (syncbn: {args.syncbn_devices} x {args.batch_size})")
         write_outputs(per_image, images[:n_images], collapse, d, info, args)
 
 
 def measure_sides(args, device):
     """--sides: the checkpoint's source and target measured by its own script's variance monitor
-    (asymmetry_variance, the one implementation: the same numbers as the run's log for the same
-    views and images), on the first --num-images held-out images with --views draws per side."""
+    (augment.asymmetry_variance with the script's side_encode, the one implementation: the same
+    numbers as the run's log for the same views and images), on the first --num-images held-out
+    images with --views draws per side."""
     if not args.checkpoint:
-        raise augment.InputError("--sides measures a run's own source and target: give its --checkpoint")
+        raise augment.InputError("--sides measures a run's own source and target: give its "
+                                 "--checkpoint")
     if args.features != "projector":
-        raise augment.InputError("--sides measures the projector's encodings, as the monitor: leave --features out")
+        raise augment.InputError("--sides measures the projector's encodings, as the monitor: "
+                                 "leave --features out")
     if args.views < 2:
-        raise augment.InputError(f"--views {args.views}: a variance needs 2 or more views per image")
+        raise augment.InputError(f"--views {args.views}: a variance needs 2 or more views per "
+                                 f"image")
     ckpt = read_checkpoint(args.checkpoint)
-    framework = args.framework or detect_framework(ckpt["args"])
+    framework = args.framework or checkpoint_framework(ckpt)
     module, defaults = script_defaults(framework)
     run_args = argparse.Namespace(**{**defaults, **ckpt["args"]})
     if args.image_size and args.image_size != run_args.image_size:
-        raise augment.InputError(f"--image-size {args.image_size}, but --sides measures the run's views, "
-                                 f"at its {run_args.image_size} px: leave it out")
+        raise augment.InputError(f"--image-size {args.image_size}, but --sides measures the run's "
+                                 f"views, at its {run_args.image_size} px: leave it out")
     if args.bn_splits is not None and args.bn_splits < 1:
         raise augment.InputError(f"--bn-splits {args.bn_splits} must be 1 or more")
     run_args.variance_views, run_args.workers, run_args.amp = args.views, args.workers, args.amp
     run_args.bn_splits = args.bn_splits or run_args.bn_splits
     dataset = augment.dataset(args.data, "test", None, args.data_root)
-    images = list(range(min(args.num_images or len(dataset), len(dataset))))  # the first N held-out images
+    # the first N held-out images
+    images = list(range(min(args.num_images or len(dataset), len(dataset))))
     skipped = 0
     if args.skip_bad_images:  # the readable ones among them, each once
         images, skipped = augment.readable(dataset.base, images, args.workers, "held-out images")
     run_args.variance_images = len(images)
-    probe = module.probe_loader(torch.utils.data.Subset(dataset.base, images), run_args)
+    probe = augment.probe_loader(torch.utils.data.Subset(dataset.base, images),
+                                 module.make_views(run_args), run_args)
     source, target = module.build_encoders(run_args, device)
     try:
         source.load_state_dict(ckpt["source"])
         target.load_state_dict(ckpt["target"])
     except RuntimeError as e:
-        raise augment.InputError(f"--checkpoint {args.checkpoint}: it does not fit {framework}_asym.py's encoders "
+        raise augment.InputError(f"--checkpoint {args.checkpoint}: it does not fit "
+                                 f"{framework}_asym.py's encoders "
                                  f"({' '.join(str(e).split())[:200]})") from None
-    record = module.asymmetry_variance(source, target, probe, device, run_args)
+    encode = lambda x, side: module.side_encode(source, target, x, side, run_args)  # noqa: E731
+    record = augment.asymmetry_variance((source, target), encode, probe, device, run_args)
     if rank() == 0:
         used = sum(len(batch) for batch in probe.batch_sampler) // args.views * world_size()
         unreadable = f" ({skipped} unreadable left out)" if args.skip_bad_images else ""
-        info = (f"{framework}_asym.py checkpoint {args.checkpoint} (step {ckpt['step']}, epoch {ckpt['epoch']:g}): "
-                f"{used} of the first {len(images)} {args.data} held-out images{unreadable} (whole BN batches), "
-                f"r={args.views} draws of the run's views per side")
+        epoch = ckpt["step"] / ckpt["steps_per_epoch"]
+        info = (f"{framework}_asym.py checkpoint {args.checkpoint} (step {ckpt['step']}, epoch "
+                f"{epoch:g}): {used} of the first {len(images)} {args.data} held-out "
+                f"images{unreadable} (whole BN batches), r={args.views} draws of the run's views "
+                f"per side")
         write_sides(record, info, run_args, args)
 
 
@@ -612,13 +685,16 @@ def write_sides(record, info, run_args, args):
     """variance.md (printed too) and variance_sides.json (the monitor's record) for --sides."""
     os.makedirs(args.output_dir, exist_ok=True)
     lines = [f"Variance of each side: {info}.", "",
-             "| side | v (x1e-4) | encodings per image K | uniform (1 - 1/K)/d (x1e-4) | std x sqrt(d) |", "|---|---|---|---|---|"]
+             "| side | v (x1e-4) | encodings per image K | uniform (1 - 1/K)/d (x1e-4) | "
+             "std x sqrt(d) |", "|---|---|---|---|---|"]
     for side in ("source", "target"):
         uniform = record[f"v_uniform_{side}"]
-        k = args.views * (1 + (run_args.multicrop if run_args.multicrop_on in (side, "both") else 0))
-        lines.append(f"| {side} | {record[f'v_{side}'] * 1e4:.2f} | {k} | {uniform * 1e4:.2f} | {record[f'v_std_{side}']:.3f} |")
-    verdict = "below 1: the target varies less, the paper's placement" if record["v_ratio"] < 1 else \
-        "above 1: the target varies more than the source, which the paper finds hurts"
+        small = run_args.multicrop if run_args.multicrop_on in (side, "both") else 0
+        k = args.views * (1 + small)
+        lines.append(f"| {side} | {record[f'v_{side}'] * 1e4:.2f} | {k} | {uniform * 1e4:.2f} | "
+                     f"{record[f'v_std_{side}']:.3f} |")
+    verdict = ("below 1: the target varies less, the paper's placement" if record["v_ratio"] < 1
+               else "above 1: the target varies more than the source, which the paper finds hurts")
     lines += ["", f"v_target / v_source = {record['v_ratio']:.3f} ({verdict})."]
     with open(os.path.join(args.output_dir, "variance_sides.json"), "w") as f:
         json.dump(record, f)
@@ -635,7 +711,8 @@ def main(argv=None):
     try:
         run(args)
     except augment.InputError as e:  # from this process or a data worker
-        if rank() == 0:  # a worker's error arrives as its traceback: keep its last line, the message
+        # a worker's error arrives as its traceback: keep its last line, the message
+        if rank() == 0:
             message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -1,5 +1,5 @@
-"""The GPU evidence README lacks, in one run sized for a short GPU window, that always returns what
-it measured: every part runs under its own `timeout`, the parts run in order of value, each row is
+"""What only a GPU measures (speed, memory, CIFAR-10 in minutes), in one run of about 8 minutes that
+always returns what it measured: every part runs under its own `timeout`, the parts run in order of value, each row is
 printed (and written) the moment it is measured, and everything goes to one markdown file named
 at the start, so a run killed at any point still returns all rows before it.
 
@@ -52,11 +52,12 @@ TAR_NAME = "cifar10-jpg.tar.gz"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="one GPU window's worth of evidence, every row returned as it is measured",
+    p = argparse.ArgumentParser(description="what only a GPU measures, every row returned as it is measured",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"),
-                   help="results directory (default: $OUT if set)")
-    p.add_argument("--parts", nargs="+", default=list(ORDER), choices=list(ORDER), help="parts to run (always in the order aebdcf)")
+                   help="results directory ($OUT where set)")
+    p.add_argument("--parts", nargs="+", default=list(ORDER), choices=list(ORDER),
+                   help="parts to run, always in the order aebdcf: " + "; ".join(f"{k} {TITLES[k]}" for k in ORDER))
     p.add_argument("--budget", type=float, default=480,
                    help="seconds for all parts together; a part gets what is left, at most its own limit")
     p.add_argument("--cpu-smoke", action="store_true",

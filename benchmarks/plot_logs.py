@@ -1,5 +1,6 @@
 """Any logged quantity against epochs, for several runs' log.jsonl files, in one PNG (one panel per
-quantity, one line per run), and a markdown summary of each run's last and best values.
+quantity, one line per run), and a markdown summary of each run's last and best values (the least loss or time, the largest
+accuracy).
 
     python benchmarks/plot_logs.py runs/cifar_baseline runs/cifar_asym --out cifar.png
     python benchmarks/plot_logs.py runs/*/log.jsonl --keys knn_top1 loss std_source --labels a b c --out runs.png
@@ -75,17 +76,29 @@ def label(run):
     return os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "log.jsonl" else os.path.basename(path)
 
 
+def best(key, values):
+    """The best of a key's values: the least for losses and times, the largest for accuracies and
+    speeds; None where neither is better (a variance, a learning rate)."""
+    if "loss" in key or "time" in key:
+        return min(values)
+    if any(word in key for word in ("top1", "top5", "acc", "score", "per_s")):
+        return max(values)
+    return None
+
+
 def summary(runs, keys, x="epoch", labels=None):
-    """Markdown rows: per run and key, how many points, the last (x, value) and the largest value."""
-    lines = [f"| run | key | points | last {x} | last | max |", "|---|---|---|---|---|---|"]
+    """Markdown rows: per run and key, how many points, the last (x, value) and the best value (the
+    least loss or time, the largest accuracy or speed; - for the others)."""
+    lines = [f"| run | key | points | last {x} | last | best |", "|---|---|---|---|---|---|"]
     keys = [k for key in keys for k in (SIDES if key == VARIANCE else [key])]
     for run, name in zip(runs, labels or [label(r) for r in runs]):
         records = read_log(run)
         for key in keys:
             points = series(records, key, x)
             if points:
+                top = best(key, [v for _, v in points])
                 lines.append(f"| {name} | {key} | {len(points)} | {points[-1][0]:.4g} | {points[-1][1]:.4g} | "
-                             f"{max(v for _, v in points):.4g} |")
+                             f"{'-' if top is None else f'{top:.4g}'} |")
             else:
                 lines.append(f"| {name} | {key} | 0 | - | - | - |")
     return lines
@@ -98,7 +111,8 @@ def draw(runs, keys, out, x="epoch", labels=None, title=""):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("drawing needs matplotlib (pip install matplotlib); the summary needs nothing") from None
+        raise ImportError("drawing needs matplotlib (pip install -r requirements-extra.txt); the summary "
+                          "needs nothing") from None
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     for i, (run, name) in enumerate(zip(runs, labels or [label(r) for r in runs])):
         records = read_log(run)

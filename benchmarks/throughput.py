@@ -94,8 +94,6 @@ def build(script, flags, device, compile_mode=None):
     """The script's own pieces, as its train() builds them on one process -> a step function."""
     mod = importlib.import_module(os.path.splitext(os.path.basename(script))[0])
     args = mod.parse_args(flags)
-    if args.amp == "auto":
-        args.amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     source, target = mod.build_encoders(args, device)
     queue = mod.Queue(args.queue_size, args.dim).to(device) if hasattr(mod, "Queue") else None
     optimizer = mod.make_optimizer(source, args)
@@ -117,7 +115,7 @@ def build(script, flags, device, compile_mode=None):
         views = next_batch()
         if args.channels_last:
             views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in views.items()}
-        with mod.autocast(device, args):
+        with augment.autocast(device, args.amp):
             if queue is None:
                 loss = mod.train_step(source_forward, target_forward, views, args)[0]
             else:

@@ -1,14 +1,16 @@
 """Shared helpers: run a script (1 process or torchrun), read its JSON-lines log, the CIFAR-10 copy,
 a stand-in encoder (Scale) for the hand-computed steps."""
 import importlib
+import io
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
+import traceback
 
 import pytest
 import torch
@@ -18,15 +20,40 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import augment  # noqa: E402  (after the path)
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="asym-siam-test-cache-")  # the image checks' cache, per session
 # Tiny tensors on a 2-core machine: one thread per process, as the scripts run by run_script get
 # (OMP_NUM_THREADS=1), spares every op a wait for the second core (the suite runs about 2x faster).
 torch.set_num_threads(1)
-CIFAR_TAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
+# The real-data tests' CIFAR-10: ASYM_SIAM_CIFAR10 names an ImageFolder root (train/<class>/,
+# test/<class>/) or a .tar.gz of one; without it, CI's copy; where neither is, they skip.
+CIFAR10 = os.environ.get("ASYM_SIAM_CIFAR10",
+                         os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"))
+NO_CIFAR10 = f"no CIFAR-10 at ASYM_SIAM_CIFAR10={CIFAR10} (an ImageFolder root or a .tar.gz)"
+
+
+def cifar10_files():
+    """(split, class, name, open()) of each image of the CIFAR-10 copy, in its stored order."""
+    if os.path.isdir(CIFAR10):
+        for split in ("train", "test"):
+            for cls in sorted(os.listdir(os.path.join(CIFAR10, split))):
+                for name in sorted(os.listdir(os.path.join(CIFAR10, split, cls))):
+                    path = os.path.join(CIFAR10, split, cls, name)
+                    yield split, cls, name, lambda path=path: open(path, "rb")
+        return
+    with tarfile.open(CIFAR10) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) >= 4:
+                yield parts[-3], parts[-2], parts[-1], lambda m=member: tar.extractfile(m)
 # small and fast: ImageNet stem at 32 px, no kNN unless a test asks (COMMON: every script's flags)
 COMMON = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "16",
           "--workers", "0", "--print-freq", "1", "--knn-every", "-1", "--epochs", "2"]
 FAST = COMMON + ["--queue-size", "64"]  # mocov2_asym.py
+
+
+def pytest_configure(config):
+    # torchrun's error recorder (the scripts' @record) cannot install its fault handler where
+    # pytest captures stderr: harmless here, and not seen on a command line
+    config.addinivalue_line("filterwarnings", "ignore:Unable to enable fault handler")
 
 
 def free_port():
@@ -49,16 +76,100 @@ def run_script(script, args, nproc=1, check=True, timeout=300):
     return proc
 
 
+class Pool:
+    """Two gloo processes started once for the whole session, in which every two-process test runs
+    its function: a start of Python, torch and the test modules costs seconds, many times over. A
+    job is fn(rank, *args) on each process (fn: a module-level function of a test module or of
+    this file); the process group is the job's own (fn starts and ends it, as torchrun's
+    processes do), and whatever a failed job leaves behind is cleared before the next one."""
+
+    def __init__(self, n=2):
+        context = mp.get_context("spawn")
+        self.n, self.outbox = n, context.Queue()
+        self.inboxes = [context.Queue() for _ in range(n)]
+        self.procs = [context.Process(target=_serve, args=(r, self.inboxes[r], self.outbox),
+                                      daemon=True) for r in range(n)]
+        for proc in self.procs:
+            proc.start()
+
+    def run(self, fn, *args, timeout=600):
+        for inbox in self.inboxes:
+            inbox.put((fn.__module__, fn.__name__, args))
+        results, failures = [None] * self.n, []
+        try:
+            for i in range(self.n):
+                rank, ok, value = self.outbox.get(timeout=timeout if not failures else 30)
+                if ok:
+                    results[rank] = torch.load(io.BytesIO(value), weights_only=True)
+                else:
+                    failures.append(f"rank {rank}:\n{value}")
+        except queue.Empty:
+            failures.append(f"no answer from every process within {timeout} s")
+        if failures:
+            self.close()  # a process may still wait in a collective: start afresh next time
+            raise AssertionError("\n".join(failures))
+        return results
+
+    def close(self):
+        for proc in self.procs:
+            proc.kill()
+            proc.join()
+
+
+_pool = []
+
+
+def pool():
+    """The session's Pool (started at first use, again after a failed job)."""
+    if not _pool or not all(proc.is_alive() for proc in _pool[0].procs):
+        _pool[:] = [Pool()]
+    return _pool[0]
+
+
+def _serve(rank, inbox, outbox):
+    torch.set_num_threads(1)
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+    while True:
+        module, name, args = inbox.get()
+        try:
+            value = getattr(importlib.import_module(module), name)(rank, *args)
+            buffer = io.BytesIO()
+            torch.save(value, buffer)
+            outbox.put((rank, True, buffer.getvalue()))
+        except BaseException:  # SystemExit included: a script that stops is a failed job here
+            outbox.put((rank, False, traceback.format_exc()))
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
+def spawn(fn, *args):
+    """fn(rank, *args) in 2 gloo processes (tcp rendezvous, the group started for it) -> each
+    rank's return value."""
+    return pool().run(_in_group, free_port(), fn.__module__, fn.__name__, args)
+
+
+def _in_group(rank, port, module, name, args):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=2)
+    try:
+        value = getattr(importlib.import_module(module), name)(rank, *args)
+        torch.distributed.barrier()  # rank 0 hosts the store: it must not leave while 1 uses it
+        return value
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def run_in_processes(script, argv_list, nproc=2):
-    """script's main(argv) for each argv in turn, in `nproc` gloo processes started once, with the
-    environment torchrun gives (env:// rendezvous): torchrun's behaviour without its start-up per run."""
-    ports = [free_port() for _ in argv_list]
-    mp.spawn(_run_main, args=(nproc, script, argv_list, ports), nprocs=nproc, join=True)
+    """script's main(argv) for each argv in turn, in the session's two gloo processes, with the
+    environment torchrun gives (env:// rendezvous): torchrun's behaviour without its start-up."""
+    assert nproc == 2
+    pool().run(_run_main, nproc, script, argv_list, [free_port() for _ in argv_list])
 
 
 def _run_main(rank, nproc, script, argv_list, ports):
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                      MASTER_ADDR="127.0.0.1")
     module = importlib.import_module(os.path.splitext(script)[0])
     for argv, port in zip(argv_list, ports):
         os.environ["MASTER_PORT"] = str(port)
@@ -91,24 +202,18 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cifar10(tmp_path_factory):
-    """A small ImageFolder subset (train 50/class, test 20/class) of ../shared's real CIFAR-10."""
-    if not os.path.exists(CIFAR_TAR):
-        pytest.skip(f"{CIFAR_TAR} not present")
+    """A small ImageFolder subset (train 50/class, test 20/class) of the real CIFAR-10."""
+    if not os.path.exists(CIFAR10):
+        pytest.skip(NO_CIFAR10)
     out = tmp_path_factory.mktemp("cifar10")
     counts = {}
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if not member.isfile() or len(parts) < 4:
-                continue
-            split, cls = parts[-3], parts[-2]
-            key = (split, cls)
-            if counts.get(key, 0) >= (50 if split == "train" else 20):
-                continue
-            counts[key] = counts.get(key, 0) + 1
-            os.makedirs(out / split / cls, exist_ok=True)
-            with tar.extractfile(member) as src, open(out / split / cls / parts[-1], "wb") as dst:
-                shutil.copyfileobj(src, dst)
+    for split, cls, name, read in cifar10_files():
+        if counts.get((split, cls), 0) >= (50 if split == "train" else 20):
+            continue
+        counts[(split, cls)] = counts.get((split, cls), 0) + 1
+        os.makedirs(out / split / cls, exist_ok=True)
+        with read() as src, open(out / split / cls / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
     return str(out)
 
 

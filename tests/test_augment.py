@@ -501,9 +501,10 @@ def test_corrupt_image_names_the_file_or_is_skipped(tmp_path):
     index = [p for p, _ in ds.base.samples].index(str(bad))
     with pytest.raises(augment.InputError, match="broken.jpg"):
         ds[index]
-    skipping = augment.dataset(str(tmp_path), "train", augment.Views(32), skip_bad=True)
-    with pytest.warns(UserWarning, match="broken.jpg"):
-        views, label = skipping[index]
+    n = len(ds)
+    augment.check_images({"images": ds}, skip_bad=True)  # --skip-bad-images: left out before training
+    assert len(ds) == n - 1 and str(bad) not in [ds.base.dataset.samples[i][0] for i in ds.base.indices]
+    views, label = ds[index if index < len(ds) else 0]
     assert views["source"].shape == (1, 3, 32, 32)
 
 
@@ -559,24 +560,21 @@ def test_knn_sets_of_every_script_share_train_classes(framework, tmp_path):
 
 
 def test_skip_bad_images_for_training_and_for_held_out_metrics(tmp_path):
-    """Training (SeededDataset): the next readable image takes the place, seeded by the place; none
-    readable is one clear error. Held out (readable): the unreadable image is left out, each readable
-    one counted once."""
+    """Training (check_images): the unreadable image is left out of the data set before any work.
+    Held out (readable): the unreadable image is left out, each readable one counted once; none
+    readable is one clear error."""
     class_folders(tmp_path / "test", "ab", per_class=3)
     bad = tmp_path / "test" / "a" / "1.png"
     bad.write_bytes(b"not a png")
-    ds = augment.dataset(str(tmp_path), "test", augment.eval_transform(8), skip_bad=True)
-    with pytest.warns(UserWarning, match="1.png"):
-        image, label = ds[1]
-    assert torch.equal(image, ds[2][0]) and label == 0
+    ds = augment.dataset(str(tmp_path), "test", augment.eval_transform(8))
     kept, skipped = augment.readable(ds.base)
     assert (kept, skipped) == ([0, 2, 3, 4, 5], 1)
     assert augment.readable(ds.base, [1, 2, 5]) == ([2, 5], 1)
+    training = augment.dataset(str(tmp_path), "test", augment.eval_transform(8))
+    augment.check_images({"images": training}, skip_bad=True)
+    assert list(training.base.indices) == [0, 2, 3, 4, 5] and torch.equal(training[1][0], ds[2][0])
     for path, _ in ds.base.samples:
         open(path, "wb").write(b"broken")
-    with pytest.raises(augment.InputError, match="none of the 6 images can be read"):
-        with pytest.warns(UserWarning):
-            ds[0]
     with pytest.raises(augment.InputError, match="none of the 6 held-out images can be read"):
         augment.readable(ds.base, what="held-out images")
 
@@ -696,22 +694,3 @@ def test_paste_boxes_is_scalemix_image_by_image():
         expected = a.clone()
         expected[:, top:bottom, left:right] = b[:, top:bottom, left:right]
         assert torch.equal(m, expected)
-
-
-def test_replay_keeps_a_pass_that_fits_and_loads_a_larger_one_again():
-    """The variance monitor's probe: after one whole pass that fits, the same batches without
-    touching the loader; over max_bytes (here 2 batches of 3x4 floats = 96 bytes > 64), every pass
-    from the loader."""
-    class Loader:
-        passes = 0
-
-        def __iter__(self):
-            Loader.passes += 1
-            return iter([({"source": torch.full((3, 4), float(i))}, None) for i in range(2)])
-
-    fits, larger = augment.Replay(Loader(), max_bytes=96), augment.Replay(Loader(), max_bytes=64)
-    first = list(fits)
-    assert [b[0]["source"][0, 0].item() for b in first] == [0.0, 1.0] and Loader.passes == 1
-    assert all(a is b for a, b in zip(list(fits), first)) and Loader.passes == 1
-    list(larger), list(larger)
-    assert Loader.passes == 3

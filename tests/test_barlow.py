@@ -7,11 +7,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import barlow_asym as barlow
-from conftest import free_port, read_log
+from conftest import free_port, pool, read_log
 from test_distributed import spawn
 
 LAMBD = 0.0051
@@ -163,7 +162,7 @@ def test_schedule_is_barlow_twins():
 def test_biases_and_bn_parameters_step_at_lr_biases(tmp_path):
     argv = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0",
             "--print-freq", "1", "--knn-every", "-1", "--epochs", "2", "--max-steps", "1", "--projector", "16-16-16",
-            "--warmup-epochs", "0", "--lr", "0.4", "--lr-biases", "0.01", "--output-dir", str(tmp_path), "--resume", "none"]
+            "--warmup-epochs", "0", "--lr", "0.4", "--lr-biases", "0.01", "--output-dir", str(tmp_path)]
     barlow.main(argv)
     lr, lr_biases = 0.4 * 8 / 256, 0.01 * 8 / 256  # step 0 without warm-up: the peaks
     record = [r for r in read_log(tmp_path) if "loss" in r][0]
@@ -171,7 +170,7 @@ def test_biases_and_bn_parameters_step_at_lr_biases(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     before, _ = barlow.build_encoders(barlow.parse_args(argv), torch.device("cpu"))
     names = {id(p): n for n, p in before.named_parameters()}
-    groups = barlow.param_groups(before)
+    groups = barlow.make_optimizer(before, barlow.parse_args(argv)).param_groups
     assert [g["biases"] for g in groups] == [False, True] and len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)
     assert all(p.ndim == 1 for p in groups[1]["params"]) and all(p.ndim > 1 for p in groups[0]["params"])
     saved = ckpt["optimizer"]
@@ -226,7 +225,7 @@ def first_step(sym):
                               "--batch-size", "8", "--workers", "0", "--multicrop", "2", "--mean-enc", "2"]
                              + (["--sym"] if sym else []))
     source, target = barlow.build_encoders(args, torch.device("cpu"))
-    source, target = barlow.sync_bn(source, None), barlow.sync_bn(target, None)
+    source, target = barlow.augment.sync_bn(source, None), barlow.augment.sync_bn(target, None)
     train_set = barlow.augment.dataset("synthetic", "train", barlow.make_views(args), seed=args.seed)
     batch, _ = next(iter(barlow.train_loader(train_set, 0, 0, args)))
     loss, _, _ = barlow.train_step(source, target, batch, args)
@@ -257,7 +256,7 @@ def official_loss(z1, z2, lambd, batch_size):
     """A transcription of facebookresearch/barlowtwins main.py (BarlowTwins.forward after the projector):
     c = bn(z1).T @ bn(z2) / batch_size, then torch.distributed.all_reduce(c), which autograd does not
     see: every process's gradient flows through its own share of c only. (bn: SyncBN, affine=False.)"""
-    bn = barlow.GlobalBatchNorm(z1.shape[1], affine=False)
+    bn = barlow.augment.GlobalBatchNorm(z1.shape[1], affine=False)
     c = bn(z1.float()).T @ bn(z2.float())
     c.div_(batch_size)
     torch.distributed.all_reduce(c)
@@ -268,7 +267,7 @@ def official_loss(z1, z2, lambd, batch_size):
 
 PUBLISHED = ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0",
              "--print-freq", "1", "--knn-every", "-1", "--epochs", "1", "--max-steps", "3", "--projector", "16-16-16",
-             "--warmup-epochs", "0", "--lr", "2.0", "--sym", "--global-bn", "--resume", "none"]
+             "--warmup-epochs", "0", "--lr", "2.0", "--sym", "--global-bn"]
 
 
 RUNS = (("original", "official", 1e-2, 0.2), ("equivalent", "ours", 2e-2, 0.1), ("unscaled", "ours", 1e-2, 0.2))
@@ -280,17 +279,20 @@ def _published(rank, ports, out):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     ours = barlow.barlow_loss
-    for (name, loss, wd, lr_biases), port in zip(RUNS, ports):
-        os.environ["MASTER_PORT"] = str(port)
-        barlow.barlow_loss = (lambda z1, z2, lambd: official_loss(z1, z2, lambd, 8)) if loss == "official" else ours
-        barlow.main(PUBLISHED + ["--wd", str(wd), "--lr-biases", str(lr_biases), "--output-dir", os.path.join(out, name)])
+    try:
+        for (name, loss, wd, lr_biases), port in zip(RUNS, ports):
+            os.environ["MASTER_PORT"] = str(port)
+            barlow.barlow_loss = (lambda z1, z2, lambd: official_loss(z1, z2, lambd, 8)) if loss == "official" else ours
+            barlow.main(PUBLISHED + ["--wd", str(wd), "--lr-biases", str(lr_biases), "--output-dir", os.path.join(out, name)])
+    finally:
+        barlow.barlow_loss = ours  # the process serves other tests after this one
 
 
 def test_published_hyper_parameters_under_the_original_all_reduce_equal_the_scaled_defaults(tmp_path):
     """On W = 2 processes the original's loss (gradient-free all-reduce: each parameter gets 1/W of the
     global-batch gradient) with (wd, lr-biases) trains the same weights as this script's loss with
     (W wd, lr-biases / W), under LARS; this script with the unscaled values trains other weights."""
-    mp.spawn(_published, args=([free_port() for _ in RUNS], str(tmp_path)), nprocs=2, join=True)
+    pool().run(_published, [free_port() for _ in RUNS], str(tmp_path))
     source = {name: torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)["source"]
               for name in ("original", "equivalent", "unscaled")}
     moved = {k: (source["original"][k] - initial).abs().max() for k, initial in

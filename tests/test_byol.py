@@ -93,7 +93,7 @@ def first_loss():
     args = byol.parse_args(["--arch", "resnet18", "--image-size", "32", "--dim", "16", "--mlp-dim", "32",
                             "--batch-size", "8", "--workers", "0", "--multicrop", "2", "--mean-enc", "2", "--sym"])
     source, target = byol.build_encoders(args, torch.device("cpu"))
-    source, target = byol.sync_bn(source, None), byol.sync_bn(target, None)  # all BN global (see test_distributed)
+    source, target = byol.augment.sync_bn(source, None), byol.augment.sync_bn(target, None)  # all BN global (see test_distributed)
     train_set = byol.augment.dataset("synthetic", "train", byol.make_views(args), seed=args.seed)
     batch, _ = next(iter(byol.train_loader(train_set, 0, 0, args)))
     loss, _, _ = byol.train_step(source, target, batch, args)
@@ -118,3 +118,14 @@ def test_two_processes_with_half_batches_equal_one_with_the_whole():
     two = spawn(_first_loss)
     assert torch.allclose(two[0]["loss"], one["loss"], rtol=1e-5), (one["loss"], two[0]["loss"])
     assert (two[0]["grad"] - one["grad"]).abs().max() < 1e-3 * one["grad"].abs().max(), (two[0]["grad"] - one["grad"]).abs().max()
+
+
+def test_bottleneck_blocks_start_as_the_identity_basic_blocks_do_not():
+    """DeepMind's BYOL builds haiku's ResNet BlockV1: each bottleneck block's last BN scale starts
+    at 0 (ResNet-50 and deeper); basic blocks (ResNet-18/34) have no such initialisation."""
+    for arch, zero in (("resnet50", True), ("resnet18", False)):
+        encoder = byol.Encoder(byol.parse_args(["--arch", arch, "--dim", "8", "--mlp-dim", "16"]), predictor=True)
+        last = [block.bn3 if zero else block.bn2 for block in encoder.backbone.modules()
+                if type(block).__name__ in ("Bottleneck", "BasicBlock")]
+        assert len(last) == (16 if zero else 8)
+        assert all(torch.all(bn.weight == (0.0 if zero else 1.0)) for bn in last), arch

@@ -3,35 +3,15 @@ batch's, the loss of the first steps does not depend on how the global batch is 
 sharded kNN monitor equals one process's."""
 import argparse
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import augment
 import mocov2_asym as moco
-from conftest import free_port
-
-
-def spawn(fn, *args):
-    """Run fn(rank, out_dir, *args) in 2 gloo processes; -> the dicts each rank saved."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_entry, args=(port, fn, out, args), nprocs=2, join=True)
-        return [torch.load(os.path.join(out, f"{r}.pt"), weights_only=True) for r in range(2)]
-
-
-def _entry(rank, port, fn, out, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.save(fn(rank, *args), os.path.join(out, f"{rank}.pt"))
-        dist.barrier()  # rank 0 hosts the store: it must not leave while the other still uses it
-    finally:
-        dist.destroy_process_group()
+from conftest import spawn
 
 
 # ---- shuffled BN -----------------------------------------------------------------------------
@@ -126,7 +106,7 @@ def two_steps():
     args = moco.parse_args(DESIGNS)
     args.amp = "off"
     source, target = moco.build_encoders(args, torch.device("cpu"))
-    source, target = moco.sync_bn(source, None), moco.sync_bn(target, None)
+    source, target = augment.sync_bn(source, None), augment.sync_bn(target, None)
     queue = moco.Queue(args.queue_size, args.dim)
     model = nn.parallel.DistributedDataParallel(source) if moco.world_size() > 1 else source
     optimizer = torch.optim.SGD(source.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
@@ -189,24 +169,33 @@ def first_step(flags):
     return {"loss": global_loss, "grads": torch.cat([p.grad.flatten() for p in source.parameters()]), **stats}
 
 
-def _first_step(rank, flags):
-    return first_step(flags)
+PLACEMENTS = {"per-device": [], "asym-bn": ["--asym-bn"], "syncbn-source": ["--syncbn-on", "source"]}
 
 
-@pytest.mark.parametrize("flags", [[], ["--asym-bn"], ["--syncbn-on", "source"]], ids=["per-device", "asym-bn", "syncbn-source"])
-def test_bn_splits_on_one_process_is_per_device_bn_of_two(flags):
+def _first_steps(rank):
+    return {name: first_step(flags) for name, flags in PLACEMENTS.items()}
+
+
+@pytest.fixture(scope="module")
+def two_devices():
+    """The first step of each placement on two processes (one start of the two)."""
+    return spawn(_first_steps)
+
+
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+def test_bn_splits_on_one_process_is_per_device_bn_of_two(name, two_devices):
     """MoCo v2's official BN is per device for source and target alike (shuffled on the target):
     --bn-splits 2 on one process gives the loss and gradients of two processes with the same global
     batch, SyncBN placements included; its running statistics are the mean of the two devices'."""
     torch.set_num_threads(1)
-    one = first_step(flags + ["--bn-splits", "2"])
-    two = spawn(_first_step, flags)
+    one = first_step(PLACEMENTS[name] + ["--bn-splits", "2"])
+    two = [two_devices[0][name], two_devices[1][name]]
     torch.testing.assert_close(one["loss"], two[0]["loss"], rtol=1e-5, atol=1e-6)
     assert ((one["grads"] - two[0]["grads"]).norm() / two[0]["grads"].norm()).item() < 1e-4  # float32 sums, 11M values
     for key in one:
         if "running" in key:
             torch.testing.assert_close(one[key], (two[0][key] + two[1][key]) / 2, rtol=1e-4, atol=1e-6, msg=key)
-    whole = first_step(flags)  # one process, one BN batch: another loss and gradient, so the splits matter
+    whole = first_step(PLACEMENTS[name])  # one process, one BN batch: another loss and gradient, so the splits matter
     assert abs(whole["loss"].item() - one["loss"].item()) > 1e-3
     assert ((whole["grads"] - one["grads"]).norm() / one["grads"].norm()).item() > 1e-2
 
@@ -223,7 +212,8 @@ def knn(rank, world):
     shard = lambda x: x[rank::world]  # uneven shards, as eval_loader makes them
     batches = lambda x, y: list(zip(shard(x).split(8), shard(y).split(8)))
     args = argparse.Namespace(knn_k=7, knn_t=0.1, channels_last=False, amp="off")
-    return moco.knn_accuracy(nn.Flatten(), batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"), args)
+    return augment.knn_accuracy(nn.Flatten(), batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"),
+                                args)
 
 
 def _knn(rank):

@@ -1,6 +1,8 @@
-"""mocov2_asym.py end to end: torchrun, resume == uninterrupted with data workers, the saved
-backbone in torchvision, NaN handling, and one clear error line for bad input."""
+"""mocov2_asym.py end to end: resume == uninterrupted with data workers, the saved backbone in
+torchvision, NaN handling, one clear error line for bad input, real CIFAR-10 images.
+(tests/test_clusters.py runs it under torchrun.)"""
 import hashlib
+import re
 import math
 import os
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+import augment
 import mocov2_asym
 from conftest import FAST, read_log, run_script, small_image_folder, step_losses
 from test_frameworks import error_line as in_process_error_line
@@ -30,16 +33,6 @@ def in_process_error(argv, capsys):
     code, lines = main_fails(argv, capsys)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
     return lines[0]
-
-
-def test_real_torchrun_with_sym_enqueues_both_keys(tmp_path):
-    """The torchrun command line itself (tests/test_frameworks.py runs every design in spawned
-    processes); with --sym two keys per image enter the queue."""
-    run_script(SCRIPT, FAST + ["--sym", "--asym-bn", "--max-steps", "2", "--output-dir", str(tmp_path)], nproc=2)
-    records = [r for r in read_log(tmp_path) if "loss" in r]
-    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert ckpt["queue"]["_extra_state"] == (2 * 2 * 16) % 64
 
 
 def test_resume_equals_uninterrupted(folder, tmp_path):
@@ -83,7 +76,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, cap
     before = digest(tmp_path / "checkpoint.pth")
     code, lines = main_fails(args + ["--lr", "1e30", "--max-steps", "5", "--resume-anyway"], capsys)
     assert code == 1 and len(lines) == 1
-    assert lines[0].startswith("error: training diverged at step") and f"{tmp_path}/checkpoint.pth holds step 2 " in lines[0]
+    assert lines[0].startswith("error: training diverged at step") and lines[0].endswith("; the last checkpoint is kept")
     assert digest(tmp_path / "checkpoint.pth") == before
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["source"].values() if v.is_floating_point())
@@ -113,39 +106,76 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
 def test_wrong_or_corrupt_checkpoint_is_refused(folder, tmp_path, capsys):
     mocov2_asym.main(FAST + ["--data", folder, "--max-steps", "1", "--output-dir", str(tmp_path / "r18")])
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    for resume, arch in ((tmp_path / "junk.pth", "resnet18"), (tmp_path / "r18" / "checkpoint.pth", "resnet34")):
-        assert "cannot resume" in in_process_error(FAST + ["--data", folder, "--arch", arch, "--resume", str(resume),
-                                                           "--output-dir", str(tmp_path / "new")], capsys)
+    for resume, arch, message in ((tmp_path / "junk.pth", "resnet18", "cannot read"),
+                                  (tmp_path / "r18" / "checkpoint.pth", "resnet34", "--arch resnet18 -> resnet34")):
+        assert message in in_process_error(FAST + ["--data", folder, "--arch", arch, "--resume", str(resume),
+                                                   "--output-dir", str(tmp_path / "new")], capsys)
     assert not os.path.exists(tmp_path / "new" / "checkpoint.pth")
-    before = digest(tmp_path / "r18" / "checkpoint.pth")
-    assert "steps per epoch" in in_process_error(FAST + ["--data", folder, "--batch-size", "8", "--queue-size", "64",
-                                                         "--output-dir", str(tmp_path / "r18")], capsys)
-    assert digest(tmp_path / "r18" / "checkpoint.pth") == before
-
-
-def test_batch_not_divisible_by_processes(tmp_path):
-    proc = run_script(SCRIPT, FAST + ["--batch-size", "15", "--queue-size", "60", "--output-dir", str(tmp_path)],
-                      nproc=2, check=False)
-    assert proc.returncode != 0 and "error: --batch-size 15 is not divisible by the 2 processes" in proc.stderr
+    # the same flags on a data set that has grown since: another number of steps per epoch
+    data = small_image_folder(tmp_path / "data", n_train=32, n_test=8)
+    run = FAST + ["--data", data, "--max-steps", "1", "--output-dir", str(tmp_path / "grown")]
+    mocov2_asym.main(run)
+    before = digest(tmp_path / "grown" / "checkpoint.pth")
+    small_image_folder(tmp_path / "data", n_train=48, n_test=8)
+    assert "2 steps per epoch, this run 3 (other data?)" in in_process_error(run, capsys)
+    assert digest(tmp_path / "grown" / "checkpoint.pth") == before
 
 
 def test_corrupt_image_names_the_file_or_is_skipped(tmp_path, capsys):
     root = tmp_path / "data"
     small_image_folder(root, n_train=32, n_test=8)
     (root / "train" / "3" / "broken.png").write_bytes(b"\x89PNG broken")
-    args = FAST + ["--data", str(root), "--max-steps", "2", "--output-dir", str(tmp_path / "run"), "--resume", "none"]
+    args = FAST + ["--data", str(root), "--max-steps", "2", "--output-dir", str(tmp_path / "run")]
     assert "broken.png" in in_process_error(args + ["--batch-size", "32", "--queue-size", "64"], capsys)
     mocov2_asym.main(args + ["--skip-bad-images"])
     assert len(step_losses(tmp_path / "run")) == 2
 
 
 def test_real_cifar10_images(cifar10, tmp_path):
-    run_script(SCRIPT, FAST + ["--data", cifar10, "--cifar-stem", "--max-steps", "2", "--knn-every", "0",
-                               "--asym-aug", "--multicrop", "2", "--variance-images", "32", "--variance-views", "2",
-                               "--output-dir", str(tmp_path)])
+    mocov2_asym.main(FAST + ["--data", cifar10, "--cifar-stem", "--max-steps", "2", "--knn-every", "0",
+                             "--asym-aug", "--multicrop", "2", "--variance-images", "32", "--variance-views", "2",
+                             "--output-dir", str(tmp_path)])
     log = read_log(tmp_path)
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
     knn = [r["knn_top1"] for r in log if "knn_top1" in r]
     assert len(knn) == 1 and 0 <= knn[0] <= 100
     monitor = [r for r in log if "v_source" in r]  # at the end, on 32 real test images
     assert [r["step"] for r in monitor] == [2] and 0 < monitor[0]["v_source"] < monitor[0]["v_uniform_source"]
+
+
+def test_a_first_run_explains_itself(folder, tmp_path, capsys, monkeypatch):
+    """A start line (data, images, steps, processes x batch, designs, output), a progress line at
+    least every 30 s whatever --print-freq (a clock that moves 31 s a call), an end line with the
+    last kNN and variances; the same command again: already finished, nothing trained."""
+    class Clock:
+        now = 0.0
+
+        @staticmethod
+        def time():
+            Clock.now += 31
+            return Clock.now
+
+    monkeypatch.setattr(mocov2_asym, "time", Clock)
+    monkeypatch.setattr(augment, "time", Clock)
+    out = str(tmp_path / "run")
+    argv = FAST + ["--data", folder, "--print-freq", "100", "--knn-every", "0", "--multicrop", "2",
+                   "--asym-bn", "--mean-enc", "2", "--output-dir", out]
+    mocov2_asym.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"mocov2 starts: {folder}, 48 training images; 3 steps an epoch, 6 in all; "
+                        f"1 process(es) x 16 images a step; source: MultiCrop 2; target: SyncBN, "
+                        f"MeanEnc 2; writes {out}")
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [line.split(",")[0] for line in progress] == [f"step {n}/6" for n in range(1, 7)]
+    assert re.fullmatch(r"step 1/6, [0-9.]+ images/s, ETA [0-9:]+", progress[0])
+    assert " | epoch 1 loss " in progress[2]  # an epoch end: logged
+    knn = [r["knn_top1"] for r in read_log(out) if "knn_top1" in r][-1]
+    v = [r for r in read_log(out) if "v_source" in r][-1]
+    assert lines[-1].startswith(f"finished at step 6: {out}/checkpoint.pth and backbone.pth; "
+                                f"kNN top-1 {knn:.1f}%; v_source {v['v_source']:.4g}, "
+                                f"v_target {v['v_target']:.4g}")
+    records = len(read_log(out))
+    mocov2_asym.main(argv)
+    assert capsys.readouterr().out.strip() == (f"already finished at step 6: {out}/checkpoint.pth; "
+                                               f"nothing to do")
+    assert len(read_log(out)) == records

@@ -4,6 +4,7 @@ uninterrupted, the saved backbone, one error line for bad input, LARS, the targe
 clone) and that the target gets no gradient."""
 import importlib
 import math
+import re
 
 import pytest
 import torch
@@ -23,12 +24,10 @@ SMALL = {
     "barlow_asym.py": ["--projector", "32-32-32"],
 }
 SCRIPTS = list(SMALL)
-# MultiCrop, ScaleMix, AsymAug and MeanEnc run together in "all" (each alone is tested against its
-# definition in tests/test_augment.py and the framework's tests); AsymBN and --sym change the model or
-# the loss's structure, so they also run alone
+# MultiCrop, ScaleMix, AsymAug, AsymBN and MeanEnc run together in "all", and on their other sides in
+# "placements" (each alone is tested against its definition in tests/test_augment.py and the
+# framework's tests); --sym changes the loss's structure, so it also runs alone
 DESIGNS = {
-    "baseline": [],
-    "asym-bn": ["--asym-bn"],
     "sym": ["--sym"],
     "placements": ["--multicrop-on", "both", "--multicrop", "2", "--multicrop-per-crop", "--scalemix-on", "target",
                    "--syncbn-on", "both", "--source-aug", "weaker", "--target-aug", "stronger", "--mean-enc-source", "2"],
@@ -42,7 +41,7 @@ EXTRA_DESIGNS = {  # what a script adds to the common designs
     "byol_asym.py": {"global-bn": ["--global-bn"]},
     "mocov3_asym.py": {"global-bn": ["--global-bn"],
                        "vit": ["--arch", "vit_small", "--patch-size", "8", "--multicrop", "2", "--mean-enc", "2"]},
-    "simsiam_asym.py": {"global-bn": ["--global-bn"], "no-fix-pred-lr": ["--no-fix-pred-lr"]},
+    "simsiam_asym.py": {"global-bn": ["--global-bn"]},
     "simclr_asym.py": {"global-bn": ["--global-bn"]},
     "barlow_asym.py": {"global-bn": ["--global-bn"]},
 }
@@ -136,16 +135,35 @@ def test_bad_input_is_one_error_line_before_work(script, other_checkpoint, tmp_p
     assert "larger than the 5000 training images" in error_line(script, small(script) + ["--batch-size", "6000"] + out, capsys)
     assert "--bn-splits 16" in error_line(script, small(script) + ["--bn-splits", "16"] + out, capsys)
     assert "--image-size 0 is too small" in error_line(script, small(script) + ["--image-size", "0"] + out, capsys)
-    assert "--lr and --wd must not be negative" in error_line(script, small(script) + ["--lr", "-1"] + out, capsys)
-    assert "--epochs and --batch-size must be 1 or more" in error_line(script, small(script) + ["--epochs", "0"] + out, capsys)
+    assert "--lr, --wd and --save-every must not be negative" in error_line(script, small(script) + ["--lr", "-1"] + out,
+                                                                            capsys)
+    assert "--epochs, --print-freq must be 1 or more" in error_line(script, small(script) + ["--epochs", "0"] + out, capsys)
     if hasattr(module(script).parse_args([]), "temperature"):
         assert "--temperature 0.0 must be positive" in error_line(script, small(script) + ["--temperature", "0"] + out, capsys)
     if script != "mocov2_asym.py":
-        assert "cannot resume from" in error_line(script, small(script) + ["--resume", str(other_checkpoint)] + out, capsys)
+        assert "it holds a mocov2 run; continue it with mocov2_asym.py" in error_line(
+            script, small(script) + ["--resume", str(other_checkpoint)] + out, capsys)
+    if script != "mocov3_asym.py":  # the ViTs are MoCo v3's
+        assert "ViTs: mocov3_asym.py" in error_line(script, small(script) + ["--arch", "vit_small"] + out,
+                                                    capsys)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    assert f"cannot resume: cannot read {tmp_path / 'junk.pth'}: UnpicklingError" in error_line(
+    assert f"cannot read {tmp_path / 'junk.pth'}: UnpicklingError" in error_line(
         script, small(script) + ["--resume", str(tmp_path / "junk.pth")] + out, capsys)
     assert not (tmp_path / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_has_a_text_for_every_flag_and_each_default_once(script, capsys):
+    with pytest.raises(SystemExit):
+        module(script).parse_args(["--help"])
+    text = capsys.readouterr().out
+    flags = re.findall(r"^  (--[a-z0-9-]+)", text, flags=re.M)
+    assert len(flags) > 40 and "--epochs" in flags and "--seed" in flags
+    flag_lines = [line for line in text.split("Examples:")[0].splitlines() if line.startswith("  ")]
+    blocks = re.split(r"\n  (?=-)", "\n".join(flag_lines))[1:]  # one per flag
+    assert all(len(block.split(maxsplit=1)) == 2 for block in blocks)  # a flag and its text
+    assert not [block for block in blocks if block.count("(default") > 1]  # not "(default x) (default: x)"
+    assert "Examples:" in text and "torchrun --nproc_per_node=8" in text  # the epilog
 
 
 LARS_SCRIPTS = [s for s in SCRIPTS if hasattr(module(s), "LARS")]
@@ -228,7 +246,7 @@ def test_fast_paths_give_the_plain_loss(script):
         if args.channels_last:
             batch = {k: v.to(memory_format=torch.channels_last) for k, v in batch.items()}
         queue = [mod.Queue(args.queue_size, args.dim)] if hasattr(mod, "Queue") else []
-        with mod.autocast(torch.device("cpu"), args):
+        with augment.autocast(torch.device("cpu"), args.amp):
             return mod.train_step(source, target, *queue, batch, args)[0].item()
 
     plain = first_loss("--amp", "off")

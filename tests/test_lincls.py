@@ -185,17 +185,24 @@ def test_sanity_check_catches_a_moved_weight(tmp_path):
         lincls.check_backbone_unchanged(backbone, reference)
 
 
+PRESETS_OPTIMIZER = {"small": "sgd", "paper": "lars"}
+
+
 def test_presets_and_schedules():
     for preset, expected in (("paper", ("lars", 4096, 0.1, 90, "cosine")), ("moco", ("sgd", 256, 30.0, 100, "step")),
-                             ("mocov3", ("sgd", 1024, 0.1, 90, "cosine"))):
+                             ("mocov3", ("sgd", 1024, 0.1, 90, "cosine")), ("small", ("sgd", 256, 1.0, 90, "cosine"))):
         args = lincls.parse_args(["--pretrained", "x", "--preset", preset])
-        lincls.resolve_preset(args, "resnet50")
+        lincls.resolve_preset(args, "resnet50", 5000)
         assert (args.optimizer, args.batch_size, args.lr, args.epochs, args.schedule) == expected
+    for n_train, preset in ((99_999, "small"), (100_000, "paper")):  # auto, the default: by data size
+        args = lincls.parse_args(["--pretrained", "x"])
+        lincls.resolve_preset(args, "resnet50", n_train)
+        assert args.preset == preset and args.optimizer == PRESETS_OPTIMIZER[preset]
     args = lincls.parse_args(["--pretrained", "x", "--preset", "mocov3"])
-    lincls.resolve_preset(args, "vit_base")
+    lincls.resolve_preset(args, "vit_base", 10**6)
     assert args.lr == 3.0
     args = lincls.parse_args(["--pretrained", "x", "--preset", "moco", "--lr", "120", "--schedule", "cosine"])
-    lincls.resolve_preset(args, "resnet50")
+    lincls.resolve_preset(args, "resnet50", 10**6)
     assert (args.lr, args.schedule, args.batch_size) == (120.0, "cosine", 256)
     assert [lincls.learning_rate(s, 100, 30.0, "step") for s in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
     assert [lincls.learning_rate(s, 100, 1.6, "cosine") for s in (0, 50, 100)] == pytest.approx([1.6, 0.8, 0.0])
@@ -237,12 +244,22 @@ def test_one_process_equals_two(ours, folder, tmp_path):
     assert_same_head(tmp_path / "direct", tmp_path / "cached", atol=1e-5)
 
 
-def test_resume_equals_uninterrupted(ours, folder, tmp_path):
+def test_resume_equals_uninterrupted(ours, folder, tmp_path, capsys):
     """3 steps an epoch; stop at step 2 (mid-epoch) and 4, then finish: the losses, the head, the
-    per-epoch accuracy and the best of an uninterrupted run."""
+    per-epoch accuracy and the best of an uninterrupted run. The run's first and last lines say
+    what it does and did; the finished command again does nothing."""
     args = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
                     "--batch-size", "16", "--epochs", "2"]
+    capsys.readouterr()
     lincls.main(args + ["--output-dir", str(tmp_path / "whole")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"linear probe starts: resnet18 of {ours / 'backbone.pth'}; {folder}, 48 training and 16 "
+                        f"held-out images; --preset small: sgd, batch 16, base lr 2.0, 2 epochs cosine; 3 steps "
+                        f"an epoch, 6 in all; 1 process(es); writes {tmp_path / 'whole'}")
+    top1 = read_log(tmp_path / "whole")[-1]["final_top1"]
+    assert lines[-1].startswith(f"finished at step 6: top-1 {top1:.1f}% (best ")
+    lincls.main(args + ["--output-dir", str(tmp_path / "whole")])
+    assert capsys.readouterr().out.startswith("already finished at step 6: ")
     for stop in ("2", "4", "0"):
         lincls.main(args + ["--max-steps", stop, "--output-dir", str(tmp_path / "parts")])
     whole, parts = read_log(tmp_path / "whole"), read_log(tmp_path / "parts")
@@ -270,7 +287,7 @@ def test_a_stop_signal_saves_and_the_same_command_continues(ours, folder, tmp_pa
     with pytest.raises(SystemExit) as stopped:
         lincls.main(args + ["--output-dir", str(tmp_path / "parts")])
     monkeypatch.undo()
-    assert stopped.value.code == 3 and "stopped by SIGTERM at step 5: " in capsys.readouterr().err
+    assert stopped.value.code == 3 and "stopped at step 5 by SIGTERM: " in capsys.readouterr().err
     assert torch.load(tmp_path / "parts" / "checkpoint.pth", weights_only=True)["step"] == 5
     with pytest.raises(SystemExit):
         lincls.main(args + ["--lr", "1.0", "--output-dir", str(tmp_path / "parts")])

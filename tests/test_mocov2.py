@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import augment
 import mocov2_asym as moco
 
 
@@ -62,7 +63,7 @@ def test_simsiam_std():
 def test_split_batchnorm_normalises_each_group():
     torch.manual_seed(0)
     x = torch.randn(12, 3, 4, 4) * 3 + 1
-    split = moco.SplitBatchNorm(3, splits=3)
+    split = augment.SplitBatchNorm(3, splits=3)
     y = split(x)
     for group in range(3):  # sample i is in group i mod 3
         reference = nn.BatchNorm2d(3)
@@ -78,7 +79,7 @@ def test_split_batchnorm_normalises_each_group():
 def test_global_batchnorm_on_one_process_is_batchnorm():
     torch.manual_seed(0)
     x = torch.randn(10, 6, requires_grad=True)
-    ours, bn = moco.GlobalBatchNorm(6), nn.BatchNorm1d(6)
+    ours, bn = augment.GlobalBatchNorm(6), nn.BatchNorm1d(6)
     ours.weight.data.uniform_(), ours.bias.data.uniform_()
     bn.load_state_dict(ours.state_dict())
     y1, y2 = ours(x), bn(x)
@@ -165,8 +166,8 @@ def test_target_gets_no_gradient():
     args = moco.parse_args(["--arch", "resnet18", "--image-size", "32", "--bn-splits", "2", "--asym-bn"])
     source, target = moco.build_encoders(args, torch.device("cpu"))
     assert all(not p.requires_grad for p in target.parameters())
-    assert type(target.projector[1]) is moco.GlobalBatchNorm and type(source.projector[1]) is moco.SplitBatchNorm
-    assert type(target.backbone.bn1) is moco.SplitBatchNorm and type(source.backbone.bn1) is moco.SplitBatchNorm  # both emulate 2 devices
+    assert type(target.projector[1]) is augment.GlobalBatchNorm and type(source.projector[1]) is augment.SplitBatchNorm
+    assert type(target.backbone.bn1) is augment.SplitBatchNorm and type(source.backbone.bn1) is augment.SplitBatchNorm  # both emulate 2 devices
     batch = {"source": torch.randn(4, 3, 32, 32), "target": torch.randn(4, 3, 32, 32)}
     loss, _, _ = moco.train_step(source, target, moco.Queue(8, 128), batch, step_args())
     loss.backward()
@@ -212,11 +213,11 @@ def test_knn_accuracy_matches_hand_computation():
     args = argparse.Namespace(knn_k=5, knn_t=0.1, channels_last=False, amp="off")
     identity = nn.Flatten()  # the "backbone": features are the inputs themselves
     batches = lambda x, y: list(zip(x.split(7), y.split(7)))
-    got = moco.knn_accuracy(identity, batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"), args)
+    got = augment.knn_accuracy(identity, batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"), args)
     predictions = knn_by_hand(bank, bank_labels, test, 5, 0.1, 3)
     expected = 100 * sum(p == int(y) for p, y in zip(predictions, test_labels)) / 25
     assert got == pytest.approx(expected)
     args.knn_k = 200  # more neighbours than the bank holds: all of them
-    got = moco.knn_accuracy(identity, batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"), args)
+    got = augment.knn_accuracy(identity, batches(bank, bank_labels), batches(test, test_labels), torch.device("cpu"), args)
     predictions = knn_by_hand(bank, bank_labels, test, 40, 0.1, 3)
     assert got == pytest.approx(100 * sum(p == int(y) for p, y in zip(predictions, test_labels)) / 25)

@@ -147,7 +147,7 @@ def first_loss():
     args = mocov3.parse_args(["--arch", "resnet18", "--image-size", "32", "--dim", "16", "--mlp-dim", "32",
                               "--batch-size", "8", "--workers", "0", "--multicrop", "2", "--mean-enc", "2", "--sym"])
     source, target = mocov3.build_encoders(args, torch.device("cpu"))
-    source, target = mocov3.sync_bn(source, None), mocov3.sync_bn(target, None)  # all BN global (see test_distributed)
+    source, target = mocov3.augment.sync_bn(source, None), mocov3.augment.sync_bn(target, None)  # all BN global (see test_distributed)
     train_set = mocov3.augment.dataset("synthetic", "train", mocov3.make_views(args), seed=args.seed)
     batch, _ = next(iter(mocov3.train_loader(train_set, 0, 0, args)))
     loss, _, _ = mocov3.train_step(source, target, batch, args)

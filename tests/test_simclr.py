@@ -259,7 +259,7 @@ def first_step(sym):
                               "--batch-size", "8", "--workers", "0", "--multicrop", "2", "--mean-enc", "2"]
                              + (["--sym"] if sym else []))
     source, target = simclr.build_encoders(args, torch.device("cpu"))
-    source, target = simclr.sync_bn(source, None), simclr.sync_bn(target, None)
+    source, target = simclr.augment.sync_bn(source, None), simclr.augment.sync_bn(target, None)
     train_set = simclr.augment.dataset("synthetic", "train", simclr.make_views(args), seed=args.seed)
     batch, _ = next(iter(simclr.train_loader(train_set, 0, 0, args)))
     loss, _, _ = simclr.train_step(source, target, batch, args)

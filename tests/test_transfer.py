@@ -321,7 +321,7 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
 
 
 def test_real_cifar10_images(cifar10, tmp_path, capsys):
-    """The CIFAR-10 copy in ../shared (500 train, 200 test): a random ResNet's features already
+    """The real CIFAR-10 subset (500 train, 200 test): a random ResNet's features already
     classify above chance (10%)."""
     results, out = run_transfer(["--pretrained", "random", "--arch", "resnet18", "--dataset", "folder", "--data", cifar10,
                                  "--image-size", "32", "--workers", "0", "--lambdas", "5", "--max-iter", "100",
