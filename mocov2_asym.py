@@ -199,7 +199,7 @@ class Encoder(nn.Module):
                                        nn.Linear(f, args.dim))
 
     def forward(self, views):
-        """List of N_ix3xHxW batches -> list of N_ixD encodings, in one call (one DDP forward)."""
+        """List of N_ix3xHxW batches -> list of N_ixD outputs, in one call (one DDP forward)."""
         return [self.projector(self.backbone(x)) for x in views]
 
 
@@ -281,7 +281,7 @@ def target_encode(target, x, splits=1):
 def side_encode(source, target, x, side, args):
     """(n*N)x3xHxW views of one side -> (n*N)xD encodings as the variance monitor measures them:
     the projector's output (a predictor left out, as the paper measures); the target's as
-    training encodes them (MoCo's shuffled BN)."""
+    training encodes them."""
     if side == "source":
         return source.projector(source.backbone(x))
     return target_encode(target, x, args.bn_splits)
@@ -348,13 +348,13 @@ def simsiam_std(z):
 # +-----------------------------------------------------------------------------------------+
 def train_step(source, target, queue, batch, args):
     """One source/target pass and the loss. batch: {"source", "target", "source_small",
-    "target_small"}, each (views*N)x3xHxW, view-major. -> loss, q (NxD), keys to enqueue."""
-    n = len(batch["source"]) // args.mean_enc_source  # N, the images in this process's batch
+    "target_small"}, each (views*N)x3xHxW, view-major. -> loss, q, k (NxD), keys to enqueue."""
     m = args.multicrop
     inputs = [batch["source"]]
     if args.sym:
         inputs.append(batch["target"])
     if "source_small" in batch:
+        n = len(batch["source"]) // args.mean_enc_source  # N, the images in this process's batch
         small = batch["source_small"]
         inputs += list(small.split(n)) if args.multicrop_per_crop else [small]
     outputs = source(inputs)
@@ -383,7 +383,7 @@ def train_step(source, target, queue, batch, args):
         k_mirror = mean_encoding(k_mirror, args.mean_enc_source)
         loss = loss + infonce(q_mirror, k_mirror, queue.keys, args.temperature)
         keys.append(k_mirror)
-    return loss, q, torch.cat(keys)
+    return loss, q, k, torch.cat(keys)
 
 
 def learning_rate(step, total_steps, warmup_steps, peak):
@@ -395,8 +395,7 @@ def learning_rate(step, total_steps, warmup_steps, peak):
 
 
 def make_optimizer(source, args):
-    """SGD with momentum 0.9 and weight decay on every parameter, as MoCo v2; the loop sets its
-    lr."""
+    """SGD, momentum 0.9, weight decay on every parameter (MoCo v2's); the loop sets the lr."""
     return torch.optim.SGD(source.parameters(), lr=0.0, momentum=0.9, weight_decay=args.wd)
 
 
@@ -410,9 +409,10 @@ def check_args(args, train_set):
     if args.queue_size % keys_per_step:
         problems.append(f"--queue-size {args.queue_size} is not a multiple of the "
                         f"{keys_per_step} keys enqueued per step")
-    if args.temperature <= 0 or not 0 <= args.ema <= 1:
-        problems.append(f"--temperature {args.temperature} must be positive and --ema "
-                        f"{args.ema} within [0, 1]")
+    if args.temperature <= 0:
+        problems.append(f"--temperature {args.temperature} must be positive")
+    if not 0 <= args.ema <= 1:
+        problems.append(f"--ema {args.ema} must be within [0, 1]")
     if problems:
         raise augment.InputError("; ".join(problems))
 
@@ -630,7 +630,8 @@ def train(args):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with augment.autocast(device, args.amp):
-                    loss, q, keys = train_step(source_forward, target_forward, queue, batch, args)
+                    loss, q, k, keys = train_step(source_forward, target_forward, queue, batch,
+                                                  args)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -653,8 +654,7 @@ def train(args):
                                "lr": lr, "data_time": data_time / window_steps,
                                "step_time": elapsed / window_steps,
                                "images_per_s": args.batch_size * window_steps / elapsed,
-                               "std_source": simsiam_std(q),
-                               "std_target": simsiam_std(keys[:len(q)])},
+                               "std_source": simsiam_std(q), "std_target": simsiam_std(k)},
                         augment.progress(step, last, first, start))
                     window_start, window_steps, data_time = time.time(), 0, 0.0
                 elif time.time() - shown > 30:  # a line at least every 30 s whatever --print-freq

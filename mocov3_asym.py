@@ -3,9 +3,9 @@ Representation Learning" (Wang, Fan, Tian, Kihara, Chen, CVPR 2022).
 
 Method in five lines:
     source views x_s, target views x_t of each image            (augment.Views, BYOL recipe)
-    p = predictor(source(x_s))    gradient-updated: ResNet or ViT + MLP projector 256-d + predictor
-    z = target(x_t)               no gradient: EMA of the source (momentum 0.99 -> 1, cosine)
-    loss = 2T CE(p z_all^T / T, own z)   InfoNCE vs all processes' z; one pair, once (--sym: both)
+    q = predictor(source(x_s))    gradient-updated: ResNet or ViT + MLP projector 256-d + predictor
+    k = target(x_t)               no gradient: EMA of the source (momentum 0.99 -> 1, cosine)
+    loss = 2T CE(q k_all^T / T, own k)   InfoNCE vs all processes' k; one pair, once (--sym: both)
     target <- m * target + (1 - m) * source
 
 Designs (the paper keeps the target's encoding variance below the source's):
@@ -357,14 +357,14 @@ def side_encode(source, target, x, side, args):
 # =============================================================================================
 # Loss
 # =============================================================================================
-def contrastive_loss(p, z, temperature):
-    """p: (k*N)xD source predictions of k views (view-major), z: NxD target encodings of this
-    process's N images -> MoCo v3's InfoNCE: each p must pick its own image's z among the
-    (world*N) z of all processes, x 2T; the mean over the k views."""
-    with torch.autocast(p.device.type, enabled=False):  # logits in float32 even under --amp
-        p, z = F.normalize(p.float(), dim=1), F.normalize(z.float(), dim=1)
-        logits = p @ concat_all_gather(z).T / temperature  # (k*N)x(world*N), no gradient to z
-        labels = torch.arange(len(p), device=p.device) % len(z) + len(z) * rank()  # own z
+def contrastive_loss(q, k, temperature):
+    """q: (v*N)xD source predictions of v views (view-major), k: NxD target encodings of this
+    process's N images -> MoCo v3's InfoNCE: each q must pick its own image's k among the
+    (world*N) k of all processes, x 2T; the mean over the v views."""
+    with torch.autocast(q.device.type, enabled=False):  # logits in float32 even under --amp
+        q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+        logits = q @ concat_all_gather(k).T / temperature  # (v*N)x(world*N), no gradient to k
+        labels = torch.arange(len(q), device=q.device) % len(k) + len(k) * rank()  # own k
         return F.cross_entropy(logits, labels) * 2 * temperature
 
 
@@ -394,7 +394,7 @@ def simsiam_std(z):
 # +-----------------------------------------------------------------------------------------+
 def train_step(source, target, batch, args):
     """One source/target pass and the loss. batch: {"source", "target", "source_small",
-    "target_small"}, each (views*N)x3xHxW, view-major. -> loss, p (NxD), z (NxD)."""
+    "target_small"}, each (views*N)x3xHxW, view-major. -> loss, q (NxD), k (NxD)."""
     m = args.multicrop
     inputs = [batch["source"]]
     if args.sym:
@@ -404,28 +404,28 @@ def train_step(source, target, batch, args):
         small = batch["source_small"]
         inputs += list(small.split(n)) if args.multicrop_per_crop else [small]
     outputs = source(inputs)
-    p = mean_encoding(outputs[0], args.mean_enc_source)
-    z = mean_encoding(target_encode(target, batch["target"]), args.mean_enc)
-    loss = contrastive_loss(p, z, args.temperature)
+    q = mean_encoding(outputs[0], args.mean_enc_source)
+    k = mean_encoding(target_encode(target, batch["target"]), args.mean_enc)
+    loss = contrastive_loss(q, k, args.temperature)
 
     # each kind of pair (a small crop on the source, the target or both) adds the mean over its
     # pairs; all small source crops share a contrast set (one gather), each small target crop is
     # its own
     if "source_small" in batch:
-        p_small = torch.cat(outputs[1 + args.sym:])  # (m*N)xD, view-major
-        loss = loss + contrastive_loss(p_small, z, args.temperature)
+        q_small = torch.cat(outputs[1 + args.sym:])  # (m*N)xD, view-major
+        loss = loss + contrastive_loss(q_small, k, args.temperature)
     if "target_small" in batch:
-        z_small = target_encode(target, batch["target_small"]).chunk(m)
-        loss = loss + torch.stack([contrastive_loss(p, z_j, args.temperature)
-                                   for z_j in z_small]).mean()
+        k_small = target_encode(target, batch["target_small"]).chunk(m)
+        loss = loss + torch.stack([contrastive_loss(q, k_j, args.temperature)
+                                   for k_j in k_small]).mean()
     if "source_small" in batch and "target_small" in batch:  # all m x m pairs of small crops
-        loss = loss + torch.stack([contrastive_loss(p_small, z_j, args.temperature)
-                                   for z_j in z_small]).mean()
+        loss = loss + torch.stack([contrastive_loss(q_small, k_j, args.temperature)
+                                   for k_j in k_small]).mean()
     if args.sym:  # mirrored pair: the source encodes the target's views and vice versa
-        p_mirror = mean_encoding(outputs[1], args.mean_enc)
-        z_mirror = mean_encoding(target_encode(target, batch["source"]), args.mean_enc_source)
-        loss = loss + contrastive_loss(p_mirror, z_mirror, args.temperature)
-    return loss, p, z
+        q_mirror = mean_encoding(outputs[1], args.mean_enc)
+        k_mirror = mean_encoding(target_encode(target, batch["source"]), args.mean_enc_source)
+        loss = loss + contrastive_loss(q_mirror, k_mirror, args.temperature)
+    return loss, q, k
 
 
 def learning_rate(step, total_steps, warmup_steps, peak):
@@ -712,7 +712,7 @@ def train(args):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with augment.autocast(device, args.amp):
-                    loss, p, z = train_step(source_forward, target_forward, batch, args)
+                    loss, q, k = train_step(source_forward, target_forward, batch, args)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -735,7 +735,7 @@ def train(args):
                                "lr": lr, "ema": ema, "data_time": data_time / window_steps,
                                "step_time": elapsed / window_steps,
                                "images_per_s": args.batch_size * window_steps / elapsed,
-                               "std_source": simsiam_std(p), "std_target": simsiam_std(z)},
+                               "std_source": simsiam_std(q), "std_target": simsiam_std(k)},
                         augment.progress(step, last, first, start))
                     window_start, window_steps, data_time = time.time(), 0, 0.0
                 elif time.time() - shown > 30:  # a line at least every 30 s whatever --print-freq

@@ -57,8 +57,9 @@ def parse_args(argv=None):
                    metavar="NS,NT", help="MeanEnc rows: views averaged on source, target "
                    "(default: the paper's 1,3 2,2 3,1 1,2)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="default: 0 1 2")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per run (default 4)")
-    p.add_argument("--knn-every", type=int, default=2, help="kNN top-1 every N epochs (default 2)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
+    p.add_argument("--knn-every", type=int, default=3,
+                   help="kNN top-1 every N epochs, and at 0 and the end (default 3)")
     p.add_argument("--quick", action="store_true", help="ScaleMix and WeakerAug on source and "
                    "target plus the baseline, one seed: the teaching version")
     p.add_argument("--jobs", type=int, default=os.cpu_count(),

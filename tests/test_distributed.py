@@ -113,7 +113,7 @@ def two_steps():
     train_set = augment.dataset("synthetic", "train", moco.make_views(args), seed=args.seed)
     losses = []
     for batch, _ in moco.train_loader(train_set, 0, 0, args):
-        loss, _, keys = moco.train_step(model, target, queue, batch, args)
+        loss, _, _, keys = moco.train_step(model, target, queue, batch, args)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -156,7 +156,7 @@ def first_step(flags):
     train_set = augment.dataset("synthetic", "train", moco.make_views(args), seed=args.seed)
     batch, _ = next(iter(moco.train_loader(train_set, 0, 0, args)))
     torch.manual_seed(7)  # the target's BN shuffle: rank 0's permutation is the one process's
-    loss, _, _ = moco.train_step(model, target, queue, batch, args)
+    loss, _, _, _ = moco.train_step(model, target, queue, batch, args)
     loss.backward()
     global_loss = loss.detach().clone()
     if moco.world_size() > 1:

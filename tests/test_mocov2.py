@@ -140,22 +140,22 @@ def test_step_loss_pairs_multicrop_and_sym_by_hand():
 
     args = step_args(mean_enc=2, multicrop=3)
     only_source = {key: v for key, v in batch.items() if key != "target_small"}
-    loss, _, keys = moco.train_step(source, target, queue, only_source, args)
+    loss, _, _, keys = moco.train_step(source, target, queue, only_source, args)
     assert loss.item() == pytest.approx((L(q, k) + sum(L(z, k) for z in qs) / 3).item(), rel=1e-5)
     assert torch.allclose(keys, k)
-    per_crop, _, _ = moco.train_step(source, target, queue, only_source, step_args(mean_enc=2, multicrop=3, multicrop_per_crop=True))
+    per_crop, _, _, _ = moco.train_step(source, target, queue, only_source, step_args(mean_enc=2, multicrop=3, multicrop_per_crop=True))
     assert per_crop.item() == pytest.approx(loss.item(), rel=1e-5)  # no BN here: the same loss
 
     only_target = {key: v for key, v in batch.items() if key != "source_small"}
-    loss, _, _ = moco.train_step(source, target, queue, only_target, args)
+    loss, _, _, _ = moco.train_step(source, target, queue, only_target, args)
     assert loss.item() == pytest.approx((L(q, k) + sum(L(q, z) for z in ks) / 3).item(), rel=1e-5)
 
-    loss, _, _ = moco.train_step(source, target, queue, batch, args)
+    loss, _, _, _ = moco.train_step(source, target, queue, batch, args)
     both = L(q, k) + sum(L(z, k) for z in qs) / 3 + sum(L(q, z) for z in ks) / 3 + sum(L(a, b) for a in qs for b in ks) / 9
     assert loss.item() == pytest.approx(both.item(), rel=1e-5)
 
     plain = {"source": batch["source"], "target": batch["target"][:n]}
-    loss, _, keys = moco.train_step(source, target, queue, plain, step_args(sym=True))
+    loss, _, _, keys = moco.train_step(source, target, queue, plain, step_args(sym=True))
     k1, q2 = enc(target, plain["target"]), enc(source, plain["target"])
     k2 = enc(target, plain["source"])
     assert loss.item() == pytest.approx((L(q, k1) + L(q2, k2)).item(), rel=1e-5)
@@ -169,7 +169,7 @@ def test_target_gets_no_gradient():
     assert type(target.projector[1]) is augment.GlobalBatchNorm and type(source.projector[1]) is augment.SplitBatchNorm
     assert type(target.backbone.bn1) is augment.SplitBatchNorm and type(source.backbone.bn1) is augment.SplitBatchNorm  # both emulate 2 devices
     batch = {"source": torch.randn(4, 3, 32, 32), "target": torch.randn(4, 3, 32, 32)}
-    loss, _, _ = moco.train_step(source, target, moco.Queue(8, 128), batch, step_args())
+    loss, _, _, _ = moco.train_step(source, target, moco.Queue(8, 128), batch, step_args())
     loss.backward()
     assert all(p.grad is None for p in target.parameters())
     assert all(p.grad is not None for p in source.parameters())
