@@ -153,16 +153,20 @@ def test_two_torchrun_agents_train_as_one_agent_with_two_processes(folder, whole
 # ---- 2. a process that raises, dies or hangs stops the job ----------------------------------------
 def test_a_dead_or_hung_process_stops_the_job(folder, tmp_path):
     """kill -9 of one worker: torchrun stops the other at once; SIGSTOP of one worker: the other
-    gives up after --dist-timeout (0.1 min) and torchrun stops the job, naming the rank."""
+    gives up after --dist-timeout (0.1 min) and torchrun stops the job, naming the rank. (The two
+    jobs run side by side.)"""
+    jobs = {}
     for how in (signal.SIGKILL, signal.SIGSTOP):
         out = tmp_path / how.name
-        proc = start(folder_args(folder, out, "--dist-timeout", "0.1", "--epochs", "20"), 2,
-                     ["--master-addr=127.0.0.1", f"--master-port={free_port()}",
-                      "--shutdown-timeout=2"])
+        jobs[how] = out, start(folder_args(folder, out, "--dist-timeout", "0.1", "--epochs", "20"),
+                               2, ["--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                                   "--shutdown-timeout=2"])
+    for how, (out, proc) in jobs.items():
         wait_for_step(out, 2, proc)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
         os.kill(int(workers.stdout.split()[-1]), how)
-        began = time.time()
+    began = time.time()
+    for out, proc in jobs.values():
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 1 and time.time() - began < 60, stderr
         assert "ChildFailedError" in stderr and "rank      :" in stderr
