@@ -574,7 +574,7 @@ def load_weights(path):
         reason = (reason.group(1) if reason
                   else next((line for line in text.splitlines() if line.strip()), ""))
         raise InputError(f"cannot read {path}: {type(e).__name__}: "
-                         f"{' '.join(reason.split())[:200]}") from None
+                         f"{' '.join(reason.split()[:30])}") from None
 
 
 def load_rgb(path):

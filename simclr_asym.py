@@ -59,7 +59,7 @@ def parse_args(argv=None):
     g.add_argument("--skip-bad-images", action="store_true",
                    help="leave unreadable images out instead of stopping with their names")
     g.add_argument("--no-image-check", action="store_true",
-                   help="do not check every image file before training (cached per data set)")
+                   help="do not look at every image file before training")
     g.add_argument("--image-size", type=int, default=224, help="standard crop size (CIFAR: 32)")
     g.add_argument("--workers", type=int, default=-1,
                    help="data workers per process (-1: the node's CPUs over its processes, <= 16)")

@@ -332,7 +332,7 @@ def load_splits(name, args):
                 splits = torchvision_splits(name, root, args.download)
         except Exception as e:
             # torchvision says RuntimeError("Dataset not found"), ours FileNotFoundError
-            detail = f" ({type(e).__name__}: {' '.join(str(e).split())[:150]})" if str(e) else ""
+            detail = f" ({type(e).__name__}: {' '.join(str(e).split()[:25])})" if str(e) else ""
             raise augment.InputError(f"{name} not found{detail}: "
                                      f"put it in {WHERE[name].format(root=root)}") from None
         metric = DATASETS[name][1]
