@@ -119,7 +119,7 @@ def build(script, flags, device, compile_mode=None):
             if queue is None:
                 loss = mod.train_step(source_forward, target_forward, views, args)[0]
             else:
-                loss, _, keys = mod.train_step(source_forward, target_forward, queue, views, args)
+                loss, _, _, keys = mod.train_step(source_forward, target_forward, queue, views, args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
