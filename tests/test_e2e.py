@@ -150,24 +150,24 @@ def test_a_first_run_explains_itself(folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(mocov2_asym, "time", Clock)
     monkeypatch.setattr(augment, "time", Clock)
     out = str(tmp_path / "run")
-    argv = FAST + ["--data", folder, "--print-freq", "100", "--knn-every", "0", "--multicrop", "2",
+    argv = FAST + ["--epochs", "1", "--data", folder, "--print-freq", "100", "--knn-every", "0", "--multicrop", "2",
                    "--asym-bn", "--mean-enc", "2", "--output-dir", out]
     mocov2_asym.main(argv)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == (f"mocov2 starts: {folder}, 48 training images; 3 steps an epoch, 6 in all; "
+    assert lines[0] == (f"mocov2 starts: {folder}, 48 training images; 3 steps an epoch, 3 in all; "
                         f"1 process(es) x 16 images a step; source: MultiCrop 2; target: SyncBN, "
                         f"MeanEnc 2; writes {out}")
     progress = [line for line in lines if line.startswith("step ")]
-    assert [line.split(",")[0] for line in progress] == [f"step {n}/6" for n in range(1, 7)]
-    assert re.fullmatch(r"step 1/6, [0-9.]+ images/s, ETA [0-9:]+", progress[0])
+    assert [line.split(",")[0] for line in progress] == [f"step {n}/3" for n in range(1, 4)]
+    assert re.fullmatch(r"step 1/3, [0-9.]+ images/s, ETA [0-9:]+", progress[0])
     assert " | epoch 1 loss " in progress[2]  # an epoch end: logged
     knn = [r["knn_top1"] for r in read_log(out) if "knn_top1" in r][-1]
     v = [r for r in read_log(out) if "v_source" in r][-1]
-    assert lines[-1].startswith(f"finished at step 6: {out}/checkpoint.pth and backbone.pth; "
+    assert lines[-1].startswith(f"finished at step 3: {out}/checkpoint.pth and backbone.pth; "
                                 f"kNN top-1 {knn:.1f}%; v_source {v['v_source']:.4g}, "
                                 f"v_target {v['v_target']:.4g}")
     records = len(read_log(out))
     mocov2_asym.main(argv)
-    assert capsys.readouterr().out.strip() == (f"already finished at step 6: {out}/checkpoint.pth; "
+    assert capsys.readouterr().out.strip() == (f"already finished at step 3: {out}/checkpoint.pth; "
                                                f"nothing to do")
     assert len(read_log(out)) == records

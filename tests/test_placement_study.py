@@ -78,9 +78,9 @@ def test_the_study_s_tables_and_its_resume(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "table.md").read_text() == table
 
 
-def test_a_real_run_and_its_rerun(folder, tmp_path):
+def test_a_real_run(folder, tmp_path):
     """One run of the script (2 steps on a small folder): its kNN, v_source and v_target read from
-    its log; the same run again (a study resumed after it finished) reads back the same figures."""
+    its log."""
     args = study.parse_args(["--epochs", "1", "--knn-every", "1", "--output-dir", str(tmp_path), "--", "--data", folder,
                              "--batch-size", "16", "--max-steps", "2", "--queue-size", "64", "--variance-images", "16",
                              "--variance-views", "2"])
@@ -90,5 +90,3 @@ def test_a_real_run_and_its_rerun(folder, tmp_path):
     assert 0 < result["v_source"] < 1 and 0 < result["v_target"] < 1 and result["flags"] == ["--scalemix-on", "source"]
     log = [json.loads(line) for line in open(study.run_dir(args, "ScaleMix source", 1) + "/log.jsonl")]
     assert max(r["step"] for r in log if "loss" in r) == 2  # --max-steps 2: the end, logged
-    again = study.train(args, "ScaleMix source", ["--scalemix-on", "source"], 1)
-    assert (again["top1"], again["v_source"], again["v_target"]) == (result["top1"], result["v_source"], result["v_target"])
