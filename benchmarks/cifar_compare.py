@@ -3,8 +3,8 @@ CIFAR stem, 32 px, README's small-data settings, every view made on the device) 
 the same number of epochs, the baseline and the composition `--multicrop --asym-bn --mean-enc 2`,
 both at once on one GPU, kNN top-1 every few epochs printed as it comes, then side by side.
 
-    python benchmarks/cifar_compare.py --cifar-tar ../shared/data/cifar10-jpg.tar.gz --budget 240 --out results
-    python benchmarks/cifar_compare.py --cifar-tar ../shared/data/cifar10-jpg.tar.gz --tiny --per-class 30 --budget 60
+    python benchmarks/cifar_compare.py --cifar-tar data/cifar10-jpg.tar.gz --budget 240 --out results
+    python benchmarks/cifar_compare.py --cifar-tar data/cifar10-jpg.tar.gz --tiny --per-class 30 --budget 60
 
 Unless --epochs is given, the epochs come from measured throughput: the step of both configurations
 is timed first (benchmarks/throughput.py, with and without channels-last; the faster memory format

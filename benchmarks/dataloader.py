@@ -7,7 +7,7 @@ data or compute bounds a design: with W workers per GPU the loader delivers abou
 per-worker figure.
 
     python benchmarks/dataloader.py --data /path/to/imagenet --image-size 224 --workers 0 2 4
-    python benchmarks/dataloader.py --cifar-tar ../shared/data/cifar10-jpg.tar.gz --upscale 256 --images 1000
+    python benchmarks/dataloader.py --cifar-tar data/cifar10-jpg.tar.gz --upscale 256 --images 1000
 
 `--gpu-aug` measures the workers' half of each view under --gpu-aug (decode, crop, flip, drawing the
 colour parameters) and, separately, the device's half (augment.finish_views on the last batch, on

@@ -23,7 +23,7 @@ Parts, in the order they run (--parts takes any subset, in this order):
 The results file (gpu_check.md), the full output (gpu_check.log), part e's two logs and its plot go
 to --out (default $OUT, else runs/gpu_check); runs and checkpoints stay in --work-dir (a temporary
 directory by default), never in --out. The CIFAR-10 JPEG tarball is looked for at --cifar-tar, else
-at shared/data/, ../shared/data/ and data/ (cifar10-jpg.tar.gz); without it parts d and e use the
+at data/ and shared/data/ (cifar10-jpg.tar.gz); without it parts d and e use the
 built-in synthetic shapes and say so.
 """
 import argparse
@@ -62,12 +62,12 @@ def parse_args(argv=None):
                    help="seconds for all parts together; a part gets what is left, at most its own limit")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="every part for seconds on the CPU (no GPU used even where there is one)")
-    p.add_argument("--cifar-tar", help=f"the CIFAR-10 JPEG tarball (default: {TAR_NAME} in shared/data, ../shared/data or data)")
+    p.add_argument("--cifar-tar", help=f"the CIFAR-10 JPEG tarball (default: {TAR_NAME} in data or shared/data)")
     p.add_argument("--work-dir", help="runs and checkpoints (default: a new temporary directory, removed at the end)")
     args = p.parse_args(argv)
     args.parts = [part for part in ORDER if part in args.parts]
     if not args.cifar_tar:
-        candidates = [os.path.join(ROOT, d, TAR_NAME) for d in ("shared/data", "../shared/data", "data")]
+        candidates = [os.path.join(ROOT, d, TAR_NAME) for d in ("data", "shared/data")]
         args.cifar_tar = next((c for c in candidates if os.path.exists(c)), None)
     elif not os.path.exists(args.cifar_tar):
         p.error(f"--cifar-tar {args.cifar_tar}: no such file")
