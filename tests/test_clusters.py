@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -153,12 +154,15 @@ def test_a_hung_process_stops_the_job(folder, tmp_path):
                               text=True).stdout.split()[-1])
     os.kill(hung, signal.SIGSTOP)
     began, stderr, gave_up = time.time(), [], None
+    watchdog = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))  # a hung test ends too
+    watchdog.start()
     for line in proc.stderr:
         stderr.append(line)
         if f"Sending process {hung} closing signal SIGTERM" in line:
             gave_up = time.time() - began  # the other worker timed out and torchrun stops the job
             os.kill(hung, signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait()
+    watchdog.cancel()
     stderr = "".join(stderr)
     assert proc.returncode == 1 and gave_up is not None and gave_up < 30, stderr
     assert "Timed out waiting 6000ms" in stderr and "ChildFailedError" in stderr
