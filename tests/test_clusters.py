@@ -108,7 +108,7 @@ def test_torchrun_kill_9_and_sigusr1_two_processes_continue_exactly(folder, whol
     ends, bit for bit."""
     run = folder_args(folder, tmp_path, "--workers", "0", "--save-every", "2")
     signals = ["--signals-to-handle", "SIGTERM,SIGUSR1", "--master-addr=127.0.0.1"]
-    proc = start(run, 2, signals + ["--shutdown-timeout=2", f"--master-port={free_port()}"])
+    proc = start(run, 2, signals + [f"--master-port={free_port()}"])
     wait_for_step(tmp_path, 4, proc)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)  # a process dies: the job stops
