@@ -57,9 +57,10 @@ def parse_args(argv=None):
                    metavar="NS,NT", help="MeanEnc rows: views averaged on source, target "
                    "(default: the paper's 1,3 2,2 3,1 1,2)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="default: 0 1 2")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
-    p.add_argument("--knn-every", type=int, default=3,
-                   help="kNN top-1 every N epochs, and at 0 and the end (default 3)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the CPU example's, 6 for "
+                   "MoCo v2, the quick start's schedule)")
+    p.add_argument("--knn-every", type=int, help="kNN top-1 every N epochs, and at 0 and the end "
+                   "(default: half the epochs, so the midpoint is read too)")
     p.add_argument("--quick", action="store_true", help="ScaleMix and WeakerAug on source and "
                    "target plus the baseline, one seed: the teaching version")
     p.add_argument("--jobs", type=int, default=os.cpu_count(),
@@ -74,6 +75,10 @@ def parse_args(argv=None):
                                                                "meanenc"))
     args.extra = [a for a in args.extra if a != "--"]
     args.meanenc = [tuple(int(n) for n in pair.split(",")) for pair in args.meanenc]
+    example = cpu_example(args.script) if os.path.isfile(os.path.join(ROOT, args.script)) else []
+    if args.epochs is None:
+        args.epochs = int(example[example.index("--epochs") + 1]) if "--epochs" in example else 3
+    args.knn_every = args.knn_every or max(1, args.epochs // 2)
     return args
 
 

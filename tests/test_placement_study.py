@@ -60,7 +60,7 @@ def test_the_study_s_tables_and_its_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "train", fake_train(calls))
     argv = ["--designs", "ScaleMix", "--meanenc", "--seeds", "0", "1", "--jobs", "2", "--output-dir", str(tmp_path)]
     study.main(argv)
-    assert "3 rows x 2 seeds, 3 epochs each; 0 runs done before, 6 to run" in capsys.readouterr().out
+    assert "3 rows x 2 seeds, 6 epochs each; 0 runs done before, 6 to run" in capsys.readouterr().out
     assert sorted(calls) == sorted((row, seed) for row in ("baseline", "ScaleMix source", "ScaleMix target")
                                    for seed in (0, 1))
     table = (tmp_path / "table.md").read_text()
