@@ -5,10 +5,12 @@ shapes, ResNet-18 at 32 px), trains the baseline and each design placed on the s
 or both, for several seeds, and prints the paper's Table 1 form: per row the kNN top-1 (mean and
 spread over the seeds), the difference to the baseline, the paper's ImageNet figure beside it,
 and the variance monitor's v_source and v_target at the end; then, per design, whether the
-source/target ordering agrees with the paper's beyond the seed noise. Rows stream as they
-finish; results.jsonl, table.md and placement.png (with matplotlib) go to --output-dir. An
-interrupted study continues where it stopped: finished runs are read back from results.jsonl, a
-run cut short continues from its own checkpoint (the scripts resume).
+source/target ordering agrees with the paper's beyond the seed noise; then, over every run, the
+Spearman correlation of log(v_target / v_source) with the kNN top-1 (the paper's claim predicts
+it negative), with a permutation p-value and a bootstrap interval. Rows stream as they finish;
+results.jsonl, table.md and placement.png (with matplotlib) go to --output-dir. An interrupted
+study continues where it stopped: finished runs are read back from results.jsonl, a run cut short
+continues from its own checkpoint (the scripts resume); a finished one just prints its tables.
 
 Examples:
     python benchmarks/placement_study.py --quick     # ScaleMix and WeakerAug, one seed
@@ -27,6 +29,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's Table 1 (MoCo v2, ImageNet linear probe, 100 epochs): top-1 per placement
 PAPER_BASELINE = 65.8
@@ -39,6 +43,9 @@ PAPER = {"MultiCrop": {"source": 69.9, "target": 57.1, "both": 61.7},
 PAPER_MEANENC = {(1, 3): 67.9, (2, 2): 67.1, (3, 1): 59.9, (1, 2): 67.5}
 QUICK = {"designs": ["ScaleMix", "WeakerAug"], "sides": ["source", "target"], "seeds": [0],
          "meanenc": []}
+# the correlation's confidence: permutations for its p-value, resamples for its interval (seeded)
+N_PERMUTATIONS, N_BOOTSTRAP = 9999, 2000
+OUTCOMES = {"top1": "kNN top-1", "gain": "kNN gain over random start"}
 BYOL_NOTE = ("note: BYOL's CPU example does not rise above its random start within a few epochs, "
              "at any setting tried here and in an independent BYOL: BYOL starts slowly. Read its "
              "rows as a check that every placement trains, not as Table 1.")
@@ -187,21 +194,34 @@ def orderings(table, results):
     return out
 
 
-def format_row(name, paper, values, baseline):
-    top1 = [r["top1"] for r in values]
-    mean, sd = mean_sd(top1)
-    spread = f" +- {sd:.1f}" if sd is not None else ""
+def mean_spread(values, sign=""):
+    """The seeds' mean +- sd, as text ("-" where a run lacks the figure: an older log, say)."""
+    if not values or None in values:
+        return "-"
+    mean, sd = mean_sd(values)
+    return f"{mean:{sign}.1f}" + (f" +- {sd:.1f}" if sd is not None else "")
+
+
+def format_row(name, paper, values, baseline, half):
+    """A row: the final kNN top-1, at epoch `half` (the midpoint) and its gain over the run's own
+    random start (epoch 0), so that an ordering is seen to grow or shrink with training."""
+    mean = mean_sd([r["top1"] for r in values])[0]
+    middle = mean_spread([r.get("knn", {}).get(half) for r in values])
+    start = [r.get("knn", {}).get("0") for r in values]
+    gain = mean_spread([None if s is None else r["top1"] - s for r, s in zip(values, start)], "+")
     delta = "" if name == "baseline" or baseline is None else f"{mean - baseline:+.1f}"
     paper_text = "-" if paper is None else f"{paper:.1f}"
     paper_delta = "" if name == "baseline" or paper is None else f"{paper - PAPER_BASELINE:+.1f}"
     v_s = sum(r["v_source"] for r in values) / len(values)
     v_t = sum(r["v_target"] for r in values) / len(values)
-    return (f"| {name} | {mean:.1f}{spread} | {delta} | {paper_text} | {paper_delta} | "
-            f"{v_s * 1e4:.2f} | {v_t * 1e4:.2f} |")
+    return (f"| {name} | {mean_spread([r['top1'] for r in values])} | {middle} | {gain} | "
+            f"{delta} | {paper_text} | {paper_delta} | {v_s * 1e4:.2f} | {v_t * 1e4:.2f} |")
 
 
-HEADER = ["| placement | kNN top-1 (seeds) | vs baseline | paper | paper vs baseline | "
-          "v_source (x1e-4) | v_target (x1e-4) |", "|---|---|---|---|---|---|---|"]
+def header(args):
+    return [f"| placement | kNN top-1 (seeds) | kNN at epoch {args.epochs // 2} (seeds) | gain over "
+            f"random start | vs baseline | paper | paper vs baseline | v_source (x1e-4) | "
+            f"v_target (x1e-4) |", "|---|---|---|---|---|---|---|---|---|"]
 
 
 def tables(args, table, results):
@@ -209,15 +229,15 @@ def tables(args, table, results):
     done = {name: [r for r in results if r["row"] == name and "top1" in r] for name, *_ in table}
     base = done.get("baseline")
     baseline = mean_sd([r["top1"] for r in base])[0] if base else None
-    lines = list(HEADER)
+    lines = header(args)
     for name, _, _, _, paper in table:
         failed = [r for r in results if r["row"] == name and "error" in r]
         if failed:
-            lines.append(f"| {name} | failed: {failed[0]['error']} | | | | | |")
+            lines.append(f"| {name} | failed: {failed[0]['error']} |" + " |" * 7)
         elif len(done[name]) == len(args.seeds):
-            lines.append(format_row(name, paper, done[name], baseline))
+            lines.append(format_row(name, paper, done[name], baseline, f"{args.epochs // 2}"))
         else:
-            lines.append(f"| {name} | ({len(done[name])} of {len(args.seeds)} seeds) | | | | | |")
+            lines.append(f"| {name} | ({len(done[name])} of {len(args.seeds)} seeds) |" + " |" * 7)
     found = orderings(table, results)
     if found:
         lines += ["", "| design | source - target (ours) | paper | ordering |", "|---|---|---|---|"]
@@ -227,8 +247,92 @@ def tables(args, table, results):
     return lines
 
 
+# ---- the paper's claim over every run: a less variable target, a better encoder ----------------
+def ranks(values):
+    """1-based ranks, ties sharing their average rank (Spearman's convention)."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    out = np.empty(len(values))
+    out[order] = np.repeat(first + (counts + 1) / 2, counts)
+    return out
+
+
+def spearman(x, y):
+    """Spearman's rho: Pearson's correlation of the average ranks; None with under 3 pairs or a
+    constant variable (no ordering to compare)."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    cx, cy = ranks(x) - (len(x) + 1) / 2, ranks(y) - (len(y) + 1) / 2
+    return float(np.clip(cx @ cy / math.sqrt((cx @ cx) * (cy @ cy)), -1, 1))
+
+
+def permutation_p(x, y, n=N_PERMUTATIONS, seed=0):
+    """Two-sided p-value of rho against y shuffled n times (seeded, so it repeats), with the +1
+    correction: (shuffles at least as far from 0, + 1) / (n + 1), which is never too small, at
+    any number of runs (with few, the shuffles themselves are few: p cannot fall far)."""
+    cx, cy = ranks(x) - (len(x) + 1) / 2, ranks(y) - (len(y) + 1) / 2
+    scale = math.sqrt((cx @ cx) * (cy @ cy))  # a shuffle keeps the ranks, so their spread
+    shuffled = np.random.default_rng(seed).permuted(np.tile(cy, (n, 1)), axis=1) @ cx / scale
+    count = int(np.sum(np.abs(shuffled) >= abs(cx @ cy / scale) - 1e-12))  # ties count
+    return (count + 1) / (n + 1)
+
+
+def bootstrap_interval(x, y, n=N_BOOTSTRAP, seed=0):
+    """Percentile 95% interval of rho over n resamples of the runs (seeded); resamples whose rho
+    is undefined (a constant variable) are left out. -> (low, high), or None if all are."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(x), (n, len(x)))
+    rhos = [rho for rho in (spearman(x[i], y[i]) for i in picks) if rho is not None]
+    return tuple(float(q) for q in np.percentile(rhos, [2.5, 97.5])) if rhos else None
+
+
+def correlation(results, key):
+    """rho(log v_target/v_source at the end, key: "top1" or "gain", the top-1 over the run's own
+    epoch-0 kNN) over the successful runs (ranked: the ratio's ranks are its log's). -> (runs,
+    rho, (low, high) or None, p); rho, interval and p None where rho is undefined."""
+    runs = [r for r in results if "top1" in r and r["v_source"] > 0
+            and (key == "top1" or "0" in r.get("knn", {}))]
+    x = [r["v_target"] / r["v_source"] for r in runs]
+    y = [r["top1"] - (r["knn"]["0"] if key == "gain" else 0) for r in runs]
+    rho = spearman(x, y)
+    if rho is None:
+        return len(runs), None, None, None
+    return len(runs), rho, bootstrap_interval(x, y), permutation_p(x, y)
+
+
+def format_correlation(key, runs, rho, interval, p):
+    """The correlation in words: its sign against the paper's claim (negative: a target less
+    variable than the source learns better) and whether it is beyond chance at 5%."""
+    head = f"Spearman rho(log v_target/v_source, {OUTCOMES[key]})"
+    if rho is None:
+        why = "it needs 3 or more" if runs < 3 else "one of the two is the same in every run"
+        return f"{head} undefined over {runs} runs: {why}"
+    bounds = "undefined" if interval is None else f"{interval[0]:.2f} to {interval[1]:.2f}"
+    sign = ("negative, as the paper's claim predicts" if rho < 0 else
+            "positive, against the paper's claim" if rho > 0 else "zero, no sign either way")
+    chance = "beyond chance at 5%" if p < 0.05 else "not beyond chance at 5%"
+    return (f"{head} = {rho:.2f} over {runs} runs (95% bootstrap interval {bounds}; permutation "
+            f"p = {p:.3g}, two-sided): {sign}, {chance}")
+
+
+def study_runs(args, table, results):
+    """The study's successful runs (its rows, its seeds) in the table's order, then by seed: the
+    seeded permutations and resamples then give the same figures however the runs finished."""
+    order = {name: i for i, (name, *_) in enumerate(table)}
+    return sorted((r for r in results if "top1" in r and r["row"] in order
+                   and r["seed"] in args.seeds), key=lambda r: (order[r["row"]], r["seed"]))
+
+
+def correlation_lines(args, table, results):
+    """The lines after the tables: the correlation with the final top-1 and with the gain."""
+    runs = study_runs(args, table, results)
+    return [""] + [format_correlation(key, *correlation(runs, key)) for key in OUTCOMES]
+
+
 def plot(args, table, results, path):
-    """placement.png: top-1 per placement (mean, seed spread) and v_source against v_target."""
+    """placement.png: top-1 per placement (mean, seed spread), v_source against v_target, and
+    each run's top-1 against its v_target / v_source (the paper's claim: falling to the right)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -240,7 +344,7 @@ def plot(args, table, results, path):
     stats = [mean_sd([r["top1"] for r in results if r["row"] == n and "top1" in r]) for n in names]
     colours = ["grey" if n == "baseline" else "tab:blue" if "source" in n or "(3,1)" in n
                else "tab:orange" if "target" in n or "(1,3)" in n else "tab:green" for n in names]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.35 * len(names) + 2))
+    fig, (left, right, runs_ax) = plt.subplots(1, 3, figsize=(19, 0.35 * len(names) + 2))
     left.barh(range(len(names)), [m for m, _ in stats], xerr=[s or 0 for _, s in stats],
               color=colours)
     left.set_yticks(range(len(names)), names)
@@ -258,6 +362,18 @@ def plot(args, table, results, path):
     right.set_xlabel("v_source (x1e-4)")
     right.set_ylabel("v_target (x1e-4)")
     right.set_title("below the line: the target varies less (the paper's placement)", fontsize=9)
+    runs = [r for r in study_runs(args, table, results) if r["v_source"] > 0]
+    for name, colour in zip(names, colours):
+        mine = [r for r in runs if r["row"] == name]
+        runs_ax.scatter([r["v_target"] / r["v_source"] for r in mine], [r["top1"] for r in mine],
+                        color=colour, s=18)
+    runs_ax.set_xscale("log")
+    runs_ax.axvline(1, color="black", linewidth=0.5)
+    runs_ax.set_xlabel("v_target / v_source at the end (log)")
+    runs_ax.set_ylabel(f"kNN top-1 after {args.epochs} epochs")
+    n, rho, _, p = correlation(runs, "top1")
+    runs_ax.set_title(f"each run: Spearman rho = {rho:.2f}, p = {p:.3g} ({n} runs)"
+                      if rho is not None else f"each run: rho undefined ({n} runs)", fontsize=9)
     fig.suptitle(f"{args.script}: placements of the asymmetric designs, {len(args.seeds)} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -281,7 +397,7 @@ def main(argv=None):
           f"at once; example flags: {' '.join(cpu_example(args.script))}", flush=True)
     if args.script.startswith("byol"):
         print(BYOL_NOTE, flush=True)
-    print("\n".join(HEADER), flush=True)
+    print("\n".join(header(args)), flush=True)
     lock, start = threading.Lock(), time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(train, args, name, flags, seed) for name, flags, seed in todo]
@@ -295,7 +411,7 @@ def main(argv=None):
                 line = next(line for line in tables(args, table, results)
                             if line.startswith(f"| {result['row']} |"))
                 print(f"{line}  ({time.time() - start:.0f} s)", flush=True)
-    lines = tables(args, table, results)
+    lines = tables(args, table, results) + correlation_lines(args, table, results)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     seconds = sum(r["seconds"] for r in results)

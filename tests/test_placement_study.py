@@ -1,6 +1,9 @@
 """benchmarks/placement_study.py's bookkeeping on a tiny budget (2-step runs): the rows and their
-flags, the statistics by hand, the tables (means, spreads, the paper's figures, the ordering's
-verdict) and the resume of an interrupted study. Not its accuracy: that is what it measures."""
+flags, the statistics by hand (the Spearman correlation too), the tables (means, spreads, the
+midpoint and the gain over the random start, the paper's figures, the ordering's verdict, the
+correlation in words), the picture and the resume of an interrupted study. Not its accuracy:
+that is what it measures."""
+import itertools
 import json
 import os
 import sys
@@ -41,13 +44,80 @@ def test_statistics_by_hand():
     assert study.verdict([5], [4], paper_sign=1) == (1, None, "agrees (1 seed)")
 
 
+def test_spearman_by_hand_with_ties():
+    x, y = [1, 2, 2, 3, 5], [2, 1, 4, 4, 4]
+    assert list(study.ranks(x)) == [1, 2.5, 2.5, 4, 5]  # the two 2s share ranks 2 and 3
+    assert list(study.ranks(y)) == [2, 1, 4, 4, 4]  # the three 4s share ranks 3, 4 and 5
+    # ranks less their mean 3: x -2 -0.5 -0.5 1 2, y -1 -2 1 1 1; products 2 + 1 - 0.5 + 1 + 2
+    # = 5.5, squares 9.5 and 8: rho = 5.5 / sqrt(76) = 0.6309
+    assert study.spearman(x, y) == pytest.approx(5.5 / 76 ** 0.5) == pytest.approx(0.6309, abs=1e-4)
+    assert study.spearman(y, x) == study.spearman(x, y) and study.spearman(x, x) == 1
+
+
+def claim_runs(top1):
+    """Runs with v_target / v_source 1/8, 1/4, ... 16 (rising) and the given top-1s; the random
+    start 10 each."""
+    return [{"row": "r", "seed": i, "top1": t, "knn": {"0": 10.0}, "v_source": 1e-3,
+             "v_target": 1e-3 * 2.0 ** (i - 3)} for i, t in enumerate(top1)]
+
+
+def test_the_correlation_s_sign_and_its_p_value():
+    """Runs whose target varies less than their source learning better: rho -1, the paper's claim,
+    beyond chance; the reverse: +1, against it; an unordered set: not beyond chance."""
+    runs, rho, interval, p = study.correlation(claim_runs([70 - i for i in range(8)]), "top1")
+    assert (runs, rho, interval) == (8, -1, (-1, -1)) and p < 0.05  # 2 of 8! shuffles: 1e-4
+    line = study.format_correlation("top1", runs, rho, interval, p)
+    assert line == ("Spearman rho(log v_target/v_source, kNN top-1) = -1.00 over 8 runs (95% "
+                    f"bootstrap interval -1.00 to -1.00; permutation p = {p:.3g}, two-sided): "
+                    "negative, as the paper's claim predicts, beyond chance at 5%")
+    rising = study.correlation(claim_runs([60 + i for i in range(8)]), "gain")
+    assert rising[1] == 1 and rising[3] < 0.05
+    assert study.format_correlation("gain", *rising).endswith(
+        "positive, against the paper's claim, beyond chance at 5%")
+    assert ", kNN gain over random start) = 1.00 over 8" in study.format_correlation("gain", *rising)
+    unordered = study.correlation(claim_runs([63, 66, 60, 65, 67, 61, 62, 64]), "top1")
+    assert abs(unordered[1]) < 0.1 and unordered[3] > 0.5
+    assert study.format_correlation("top1", *unordered).endswith(", not beyond chance at 5%")
+    # the p-value repeats (seeded) and matches the exact one of all 6! shuffles (ties in x)
+    x, y = [2, 1, 2, 1, 2, 1], [60, 61, 66, 67, 56, 57]
+    rho = study.spearman(x, y)
+    exact = sum(abs(study.spearman(x, [y[i] for i in order])) >= abs(rho) - 1e-12
+                for order in itertools.permutations(range(6))) / 720
+    assert study.permutation_p(x, y) == study.permutation_p(x, y) == pytest.approx(exact, abs=0.03)
+
+
+def test_the_correlation_undefined():
+    """Under 3 runs, or a variable the same in every run: undefined, in words, no crash."""
+    assert study.spearman([1, 2], [2, 1]) is None and study.spearman([1, 2, 3], [5, 5, 5]) is None
+    assert study.correlation(claim_runs([60, 61]), "top1") == (2, None, None, None)
+    assert study.format_correlation("top1", 2, None, None, None) == \
+        "Spearman rho(log v_target/v_source, kNN top-1) undefined over 2 runs: it needs 3 or more"
+    same = study.correlation(claim_runs([60, 60, 60, 60]), "top1")
+    assert same == (4, None, None, None)
+    assert study.format_correlation("top1", *same).endswith(
+        "undefined over 4 runs: one of the two is the same in every run")
+    flat = [{**run, "v_target": 1e-3} for run in claim_runs([60, 61, 62, 63])]
+    assert study.correlation(flat, "top1")[1] is None
+    assert study.correlation([], "gain") == (0, None, None, None)
+    no_start = claim_runs([60, 61, 62, 63])
+    del no_start[0]["knn"]  # an older record: counted for the top-1, not for the gain
+    assert study.correlation(no_start, "top1")[0] == 4 and study.correlation(no_start, "gain")[0] == 3
+
+
+def test_a_row_without_the_midpoint_or_the_start():
+    row = study.format_row("x", None, [{"top1": 50.0, "v_source": 1e-3, "v_target": 2e-3}], 40.0, "3")
+    assert row == "| x | 50.0 | - | - | +10.0 | - |  | 10.00 | 20.00 |"
+
+
 def fake_train(calls):
     """study.train's stand-in: a run's figures from its row and seed (ScaleMix source 10 above its
-    target, spread 1 over the seeds), counted."""
+    target, spread 1 over the seeds; 3 lower at the midpoint, epoch 3 of 6; the random start
+    10 + 2 x seed), counted."""
     def train(args, name, flags, seed):
         calls.append((name, seed))
         top1 = {"baseline": 60.0, "ScaleMix source": 66.0, "ScaleMix target": 56.0}[name] + seed
-        return {"row": name, "seed": seed, "flags": flags, "seconds": 1.0, "knn": {"1": top1},
+        return {"row": name, "seed": seed, "flags": flags, "seconds": 1.0,
+                "knn": {"0": 10.0 + 2 * seed, "3": top1 - 3, "6": top1},
                 "top1": top1, "v_source": 1e-3 * (1 + seed), "v_target": 2e-3}
     return train
 
@@ -64,18 +134,58 @@ def test_the_study_s_tables_and_its_resume(tmp_path, monkeypatch, capsys):
     assert sorted(calls) == sorted((row, seed) for row in ("baseline", "ScaleMix source", "ScaleMix target")
                                    for seed in (0, 1))
     table = (tmp_path / "table.md").read_text()
-    # means 66.5 and 56.5 (sd 0.71), baseline 60.5; v_source (1e-3 + 2e-3) / 2 = 15.00e-4, v_target 20.00e-4
-    assert "| ScaleMix source | 66.5 +- 0.7 | +6.0 | 67.3 | +1.5 | 15.00 | 20.00 |" in table
-    assert "| ScaleMix target | 56.5 +- 0.7 | -4.0 | 52.8 | -13.0 | 15.00 | 20.00 |" in table
-    assert "| baseline | 60.5 +- 0.7 |  | 65.8 |  | 15.00 | 20.00 |" in table
+    assert "| kNN top-1 (seeds) | kNN at epoch 3 (seeds) | gain over random start | vs baseline |" in table
+    # means 66.5 and 56.5 (sd 0.71), baseline 60.5; at epoch 3 each 3 lower; the gain top-1 - (10 + 2 x seed):
+    # 56 and 55 (ScaleMix source), 46 and 45, 50 and 49; v_source (1e-3 + 2e-3) / 2 = 15.00e-4, v_target 20.00e-4
+    assert "| ScaleMix source | 66.5 +- 0.7 | 63.5 +- 0.7 | +55.5 +- 0.7 | +6.0 | 67.3 | +1.5 | 15.00 | 20.00 |" in table
+    assert "| ScaleMix target | 56.5 +- 0.7 | 53.5 +- 0.7 | +45.5 +- 0.7 | -4.0 | 52.8 | -13.0 | 15.00 | 20.00 |" in table
+    assert "| baseline | 60.5 +- 0.7 | 57.5 +- 0.7 | +49.5 +- 0.7 |  | 65.8 |  | 15.00 | 20.00 |" in table
     assert "| ScaleMix | +10.0 +- 0.7 | +14.5 | holds |" in table  # 10 > 2 x sqrt(0.5/2 + 0.5/2)
+    # v_target / v_source 2 (seed 0) and 1 (seed 1): ranks 5 5 5 and 2 2 2 (ties), rank less the mean 3.5
+    # +-1.5; top-1 60 61 66 67 56 57 (baseline, source, target by seed) ranks 3 4 5 6 1 2, less 3.5:
+    # -0.5 0.5 1.5 2.5 -2.5 -1.5; products 1.5 x (-0.5 - 0.5 + 1.5 - 2.5 - 2.5 + 1.5) = -4.5, squares 13.5
+    # and 17.5: rho = -4.5 / sqrt(236.25) = -0.29; the gains 50 49 56 55 46 45 rank 4 3 6 5 2 1: +0.29
+    top1_line, gain_line = table.splitlines()[-2:]
+    assert top1_line.startswith("Spearman rho(log v_target/v_source, kNN top-1) = -0.29 over 6 runs "
+                                "(95% bootstrap interval ")
+    assert top1_line.endswith("two-sided): negative, as the paper's claim predicts, not beyond chance at 5%")
+    assert gain_line.startswith("Spearman rho(log v_target/v_source, kNN gain over random start) = 0.29 over 6")
+    assert gain_line.endswith("two-sided): positive, against the paper's claim, not beyond chance at 5%")
+    assert table.index("| ScaleMix | +10.0") < table.index("Spearman rho")  # after the tables
     lines = open(tmp_path / "results.jsonl").read().splitlines()
     open(tmp_path / "results.jsonl", "w").write("\n".join(lines[:-2]) + "\n")  # interrupted
     lost = {(r["row"], r["seed"]) for r in map(json.loads, lines[-2:])}
     calls.clear()
     study.main(argv)
     assert "4 runs done before, 2 to run" in capsys.readouterr().out and set(calls) == lost
-    assert (tmp_path / "table.md").read_text() == table
+    assert (tmp_path / "table.md").read_text() == table  # the runs in another order: the same figures
+    calls.clear()
+    study.main(argv)  # all done: read back, nothing trained, the tables and the correlation printed
+    out = capsys.readouterr().out
+    assert "6 runs done before, 0 to run" in out and not calls and top1_line in out and gain_line in out
+
+
+def test_the_picture_s_third_panel(tmp_path, monkeypatch):
+    """placement.png: three panels, the third each run's top-1 against v_target / v_source on a log
+    scale, the correlation in its title."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: the study draws no picture")
+    import matplotlib.figure
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    args = study.parse_args(["--designs", "ScaleMix", "--meanenc", "--seeds", "0", "1"])
+    table = study.rows(args)
+    train = fake_train([])
+    results = [train(args, name, flags, seed) for name, _, _, flags, _ in table for seed in (0, 1)]
+    study.plot(args, table, results, str(tmp_path / "placement.png"))
+    assert (tmp_path / "placement.png").stat().st_size > 0 and len(figures) == 1
+    axes = figures[0].axes
+    assert len(axes) == 3 and [ax.get_xscale() for ax in axes] == ["linear", "linear", "log"]
+    title = axes[2].get_title()
+    assert "rho = -0.29" in title and "6 runs" in title
+    assert len(axes[2].collections) == 3  # one colour per row, 2 runs each
+    assert sorted(tuple(p) for c in axes[2].collections for p in c.get_offsets()) == sorted(
+        (r["v_target"] / r["v_source"], r["top1"]) for r in results)
 
 
 def test_a_real_run(folder, tmp_path):
