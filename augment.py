@@ -1299,7 +1299,8 @@ def common_problems(args, n_train):
 
 def start_line(framework, args, n_images, steps_per_epoch, step, last):
     """A run's first line: its data, length, processes and designs on each side, in the paper's
-    words ('source: ScaleMix; target: SyncBN, MeanEnc 2')."""
+    words ('source: ScaleMix; target: SyncBN, MeanEnc 2'); without a GPU at ImageNet's image size
+    (224 px or more), two lines more: a note pointing to the README's CPU example."""
     designs = []
     for side, n in (("source", args.mean_enc_source), ("target", args.mean_enc)):
         aug = {"weaker": "WeakerAug", "stronger": "StrongerAug"}.get(getattr(args, side + "_aug"))
@@ -1307,10 +1308,18 @@ def start_line(framework, args, n_images, steps_per_epoch, step, last):
                  args.multicrop_on), ("ScaleMix", args.scalemix_on), ("SyncBN", args.syncbn_on))
                  if place in (side, "both")] + [aug] * bool(aug) + [f"MeanEnc {n}"] * (n > 1)
         designs.append(f"{side}: {', '.join(names) or 'no design'}")
-    return (f"{framework} {f'resumed at step {step}' if step else 'starts'}: {args.data}, "
+    line = (f"{framework} {f'resumed at step {step}' if step else 'starts'}: {args.data}, "
             f"{n_images} training images; {steps_per_epoch} steps an epoch, {last} in all; "
             f"{world_size()} process(es) x {args.batch_size // world_size()} images a step; "
             f"{'; '.join(designs)}; writes {args.output_dir}")
+    if not torch.cuda.is_available() and args.image_size >= 224:
+        # the defaults are ImageNet's, and a newcomer on a CPU would wait hours not knowing why;
+        # a note, not an error: the run goes on
+        line += (f"\nnote: no GPU, and these are ImageNet's settings ({args.arch} at "
+                 f"{args.image_size} px, batch {args.batch_size}): hours on a CPU.\n  The "
+                 "README's CPU example (--arch resnet18 --image-size 32 --batch-size 128 ...) "
+                 "takes minutes.")
+    return line
 
 
 def progress(step, last, first, start, batch_size=0):
@@ -1321,13 +1330,20 @@ def progress(step, last, first, start, batch_size=0):
 
 
 def end_line(args, step, monitors):
-    """A run's last line: what it saved where, and its last kNN top-1 and variances."""
+    """A run's last line: what it saved where, and its last kNN top-1 and variances (with their
+    ratio v_target / v_source and which side varies more)."""
     line = f"finished at step {step}: {args.output_dir}/checkpoint.pth and backbone.pth"
     line += f"; kNN top-1 {monitors['knn_top1']:.1f}%" if "knn_top1" in monitors else ""
     if "v_source" in monitors:
         line += f"; v_source {monitors['v_source']:.4g}, v_target {monitors['v_target']:.4g}"
-        if monitors["v_target"] > monitors["v_source"]:  # as the paper's baseline (Fig. 2)
-            line += " (as in the paper's baseline; the designs on the target lower it)"
+        # what was measured only: the paper reports no such ratio for its baseline
+        v_source, v_target = monitors["v_source"], monitors["v_target"]
+        if v_source > 0:
+            line += f"; v_target / v_source {v_target / v_source:.3g}"
+            if v_target != v_source:
+                more, less = ("target", "source") if v_target > v_source else ("source", "target")
+                line += f" (the {more} varies more than the {less}"
+                line += "; the paper's designs aim below 1)" if more == "target" else ")"
     return line
 
 

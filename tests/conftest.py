@@ -1,5 +1,6 @@
 """Shared helpers: run a script (1 process or torchrun), read its JSON-lines log, the CIFAR-10 copy,
 a stand-in encoder (Scale) for the hand-computed steps."""
+import collections
 import importlib
 import io
 import json
@@ -24,22 +25,48 @@ import augment  # noqa: E402  (after the path)
 # (OMP_NUM_THREADS=1), spares every op a wait for the second core (the suite runs about 2x faster).
 torch.set_num_threads(1)
 # The real-data tests' CIFAR-10: ASYM_SIAM_CIFAR10 names an ImageFolder root (train/<class>/,
-# test/<class>/) or a .tar.gz of one; without it, CI's copy; where neither is, they skip.
-CIFAR10 = os.environ.get("ASYM_SIAM_CIFAR10",
-                         os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz"))
-NO_CIFAR10 = f"no CIFAR-10 at ASYM_SIAM_CIFAR10={CIFAR10} (an ImageFolder root or a .tar.gz)"
+# test/<class>/) or a .tar.gz of one; without it, CI's copy beside the repository (a setting for
+# CI only: a user's skip message names the variable, not this place); where neither is, they skip.
+CIFAR10_CI = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpg.tar.gz")
+CIFAR10_WHAT = "a CIFAR-10 ImageFolder root with train/ and test/, or a .tar.gz of one"
+
+
+def cifar10_path():
+    """The CIFAR-10 copy to use: ASYM_SIAM_CIFAR10 where set (an empty value counts as unset)."""
+    return os.environ.get("ASYM_SIAM_CIFAR10") or CIFAR10_CI
+
+
+def usable_cifar10(path):
+    # an ImageFolder root needs both splits; a file must open as a tar archive
+    if os.path.isdir(path):
+        return all(os.path.isdir(os.path.join(path, split)) for split in ("train", "test"))
+    return os.path.isfile(path) and tarfile.is_tarfile(path)
+
+
+def no_cifar10_reason():
+    """Why the real-data tests skip, None where a usable copy is found: what the user can set."""
+    value = os.environ.get("ASYM_SIAM_CIFAR10")
+    if not value:
+        return None if usable_cifar10(CIFAR10_CI) else \
+            f"ASYM_SIAM_CIFAR10 is not set: set it to {CIFAR10_WHAT}"
+    if usable_cifar10(value):
+        return None
+    problem = "does not exist" if not os.path.exists(value) else \
+        "is neither a folder with train/ and test/ nor a tar archive"
+    return f"ASYM_SIAM_CIFAR10={value} {problem}: set it to {CIFAR10_WHAT}"
 
 
 def cifar10_files():
     """(split, class, name, open()) of each image of the CIFAR-10 copy, in its stored order."""
-    if os.path.isdir(CIFAR10):
+    root = cifar10_path()
+    if os.path.isdir(root):
         for split in ("train", "test"):
-            for cls in sorted(os.listdir(os.path.join(CIFAR10, split))):
-                for name in sorted(os.listdir(os.path.join(CIFAR10, split, cls))):
-                    path = os.path.join(CIFAR10, split, cls, name)
+            for cls in sorted(os.listdir(os.path.join(root, split))):
+                for name in sorted(os.listdir(os.path.join(root, split, cls))):
+                    path = os.path.join(root, split, cls, name)
                     yield split, cls, name, lambda path=path: open(path, "rb")
         return
-    with tarfile.open(CIFAR10) as tar:
+    with tarfile.open(root) as tar:
         for member in tar:
             parts = member.name.split("/")
             if member.isfile() and len(parts) >= 4:
@@ -54,6 +81,18 @@ def pytest_configure(config):
     # torchrun's error recorder (the scripts' @record) cannot install its fault handler where
     # pytest captures stderr: harmless here, and not seen on a command line
     config.addinivalue_line("filterwarnings", "ignore:Unable to enable fault handler")
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Why tests were skipped, one line per reason: pytest says nothing by default, and its -rs
+    # gives a line per test where a fixture skips (the same reason once per real-CIFAR test).
+    reasons = collections.Counter(str(report.longrepr[2]).removeprefix("Skipped: ")
+                                  for report in terminalreporter.stats.get("skipped", [])
+                                  if isinstance(report.longrepr, tuple))
+    if reasons:
+        terminalreporter.write_sep("=", "why tests were skipped")
+        for reason, n in reasons.items():
+            terminalreporter.write_line(f"{n} skipped: {reason}")
 
 
 def free_port():
@@ -203,8 +242,9 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cifar10(tmp_path_factory):
     """A small ImageFolder subset (train 50/class, test 20/class) of the real CIFAR-10."""
-    if not os.path.exists(CIFAR10):
-        pytest.skip(NO_CIFAR10)
+    reason = no_cifar10_reason()
+    if reason:
+        pytest.skip(reason)
     out = tmp_path_factory.mktemp("cifar10")
     counts = {}
     for split, cls, name, read in cifar10_files():

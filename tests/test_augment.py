@@ -1,7 +1,9 @@
 """augment.py: ScaleMix geometry and provenance, MultiCrop and MeanEnc views, AsymAug recipes,
 collate order, per-sample seeding, image decoding and data-set errors, one class-to-index map for
 every split (and the six scripts' kNN sets), --skip-bad-images, one clean line for a refused
-checkpoint, and --gpu-aug's device half."""
+checkpoint, --gpu-aug's device half, and a run's first and last lines (a note on a CPU at
+ImageNet's settings, the measured variance ratio)."""
+import argparse
 import importlib
 import itertools
 import math
@@ -694,3 +696,52 @@ def test_paste_boxes_is_scalemix_image_by_image():
         expected = a.clone()
         expected[:, top:bottom, left:right] = b[:, top:bottom, left:right]
         assert torch.equal(m, expected)
+
+
+# ---- A run's first and last lines ----------------------------------------------------------------
+def run_args(**settings):
+    """What start_line and end_line read, as the scripts' parse_args leave it (their defaults:
+    ImageNet's, no design)."""
+    args = dict(arch="resnet50", image_size=224, batch_size=256, data="synthetic",
+                output_dir="runs/mocov2_asym", mean_enc_source=1, mean_enc=1, source_aug=None,
+                target_aug=None, multicrop=0, multicrop_on=None, scalemix_on=None, syncbn_on=None)
+    return argparse.Namespace(**{**args, **settings})
+
+
+def test_start_line_notes_imagenet_settings_on_a_cpu(monkeypatch):
+    """No GPU at 224 px: the start line and a two-line note to the CPU example, each line within
+    100 columns; none at 32 px, none with a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    first = ("mocov2 starts: synthetic, 5000 training images; 19 steps an epoch, 1900 in all; "
+             "1 process(es) x 256 images a step; source: no design; target: no design; "
+             "writes runs/mocov2_asym")
+    lines = augment.start_line("mocov2", run_args(), 5000, 19, 0, 1900).split("\n")
+    assert lines == [first,
+                     "note: no GPU, and these are ImageNet's settings (resnet50 at 224 px, batch "
+                     "256): hours on a CPU.",
+                     "  The README's CPU example (--arch resnet18 --image-size 32 --batch-size 128 "
+                     "...) takes minutes."]
+    big = augment.start_line("byol", run_args(batch_size=4096, image_size=256), 5000, 1, 0, 100)
+    assert "(resnet50 at 256 px, batch 4096)" in big and max(map(len, big.split("\n")[1:])) <= 100
+    assert augment.start_line("mocov2", run_args(arch="resnet18", image_size=32, batch_size=128),
+                              5000, 39, 0, 234).count("\n") == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert augment.start_line("mocov2", run_args(), 5000, 19, 0, 1900) == first
+
+
+def test_end_line_gives_the_variance_ratio_and_which_side_varies_more():
+    """The measured ratio v_target / v_source and the side that varies more; nothing about the
+    paper's baseline, whose variances the paper does not report."""
+    start = "finished at step 3: runs/mocov2_asym/checkpoint.pth and backbone.pth"
+    args = run_args()
+    assert augment.end_line(args, 3, {"v_source": 1e-3, "v_target": 1.38e-3}) == (
+        f"{start}; v_source 0.001, v_target 0.00138; v_target / v_source 1.38 (the target varies "
+        f"more than the source; the paper's designs aim below 1)")
+    assert augment.end_line(args, 3, {"knn_top1": 60.44, "v_source": 2e-3, "v_target": 1e-3}) == (
+        f"{start}; kNN top-1 60.4%; v_source 0.002, v_target 0.001; v_target / v_source 0.5 "
+        f"(the source varies more than the target)")
+    assert augment.end_line(args, 3, {"v_source": 1e-3, "v_target": 1e-3}).endswith(
+        "v_target / v_source 1")
+    assert augment.end_line(args, 3, {"v_source": 0.0, "v_target": 0.0}).endswith(
+        "v_source 0, v_target 0")  # a collapsed source: no ratio
+    assert augment.end_line(args, 3, {}) == start

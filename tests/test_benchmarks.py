@@ -162,7 +162,8 @@ def test_plot_logs_draws_a_png_or_says_what_is_missing(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             plot_logs.main([str(tmp_path / "a"), "--out", str(out)])
         assert exit_info.value.code == 2 and "pip install -r requirements-extra.txt" in capsys.readouterr().err
-        pytest.skip("matplotlib is not installed: drawing said so; the PNG itself is not checked")
+        pytest.skip("matplotlib is not installed (pip install -r requirements-extra.txt): "
+                    "the PNG files are not checked")  # one reason: one summary line
     plot_logs.main([str(tmp_path / "a"), "--keys", "knn_top1", "loss", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     write_log(tmp_path / "v", [{"epoch": 0.0, "v_source": 3e-3, "v_target": 2e-3}, {"epoch": 1.0, "v_source": 1e-3, "v_target": 5e-4}])

@@ -1,10 +1,11 @@
 """mocov2_asym.py end to end: resume == uninterrupted with data workers, the saved backbone in
-torchvision, the first run's own lines, NaN handling, one clear error line for bad input, real CIFAR-10 images.
-(tests/test_clusters.py runs it under torchrun.)"""
+torchvision, the first run's own lines, NaN handling, one clear error line for bad input, real CIFAR-10 images
+and the skip reason without them. (tests/test_clusters.py runs it under torchrun.)"""
 import hashlib
 import re
 import math
 import os
+import tarfile
 
 import pytest
 import torch
@@ -141,6 +142,35 @@ def test_real_cifar10_images(cifar10, tmp_path):
     assert [r["step"] for r in monitor] == [2] and 0 < monitor[0]["v_source"] < monitor[0]["v_uniform_source"]
 
 
+def test_cifar10_skip_says_what_to_set(tmp_path, monkeypatch):
+    """The real-data tests' skip reason: the variable unset (CI's copy absent too) or set to
+    something unusable, with its value and what it should name; never CI's place."""
+    import conftest
+    monkeypatch.setattr(conftest, "CIFAR10_CI", str(tmp_path / "ci" / "cifar10-jpg.tar.gz"))
+    what = "set it to a CIFAR-10 ImageFolder root with train/ and test/, or a .tar.gz of one"
+    for unset in (None, ""):
+        if unset is None:
+            monkeypatch.delenv("ASYM_SIAM_CIFAR10", raising=False)
+        else:
+            monkeypatch.setenv("ASYM_SIAM_CIFAR10", unset)
+        assert conftest.no_cifar10_reason() == f"ASYM_SIAM_CIFAR10 is not set: {what}"
+    missing = str(tmp_path / "nowhere")
+    monkeypatch.setenv("ASYM_SIAM_CIFAR10", missing)
+    assert conftest.no_cifar10_reason() == f"ASYM_SIAM_CIFAR10={missing} does not exist: {what}"
+    (tmp_path / "root" / "train").mkdir(parents=True)
+    monkeypatch.setenv("ASYM_SIAM_CIFAR10", str(tmp_path / "root"))
+    assert conftest.no_cifar10_reason() == (f"ASYM_SIAM_CIFAR10={tmp_path / 'root'} is neither a "
+                                            f"folder with train/ and test/ nor a tar archive: {what}")
+    (tmp_path / "root" / "test").mkdir()
+    assert conftest.no_cifar10_reason() is None and conftest.cifar10_path() == str(tmp_path / "root")
+    # unset with CI's copy there: no skip, the copy used
+    (tmp_path / "ci").mkdir()
+    with tarfile.open(conftest.CIFAR10_CI, "w:gz") as tar:
+        tar.add(tmp_path / "root", arcname="cifar10")
+    monkeypatch.delenv("ASYM_SIAM_CIFAR10")
+    assert conftest.no_cifar10_reason() is None and conftest.cifar10_path() == conftest.CIFAR10_CI
+
+
 def test_a_first_run_explains_itself(folder, tmp_path, capsys, monkeypatch):
     """A start line (data, images, steps, processes x batch, designs, output), a progress line at
     least every 30 s whatever --print-freq (a clock that moves 31 s a call), an end line with the
@@ -171,7 +201,9 @@ def test_a_first_run_explains_itself(folder, tmp_path, capsys, monkeypatch):
     v = [r for r in read_log(out) if "v_source" in r][-1]
     assert lines[-1].startswith(f"finished at step 3: {out}/checkpoint.pth and backbone.pth; "
                                 f"kNN top-1 {knn:.1f}%; v_source {v['v_source']:.4g}, "
-                                f"v_target {v['v_target']:.4g}")
+                                f"v_target {v['v_target']:.4g}; "
+                                f"v_target / v_source {v['v_target'] / v['v_source']:.3g}")
+    assert "paper's baseline" not in lines[-1]  # the paper reports no variances of its baseline
     records = len(read_log(out))
     mocov2_asym.main(argv)
     assert capsys.readouterr().out.strip() == (f"already finished at step 3: {out}/checkpoint.pth; "
