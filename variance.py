@@ -32,12 +32,14 @@ Examples:
         --views 8   # its log's numbers
 """
 import argparse
+import contextlib
 import csv
 import importlib
 import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -64,6 +66,10 @@ PAPER = {"baseline": 8.5, "multicrop": 38.0, "scalemix": 29.5, "stronger": 19.7,
          "syncbn": 8.3, "meanenc:2": 4.2}
 NAMES = {"baseline": "baseline", "multicrop": "MultiCrop", "scalemix": "ScaleMix",
          "stronger": "StrongerAug", "weaker": "WeakerAug", "syncbn": "SyncBN"}
+# one design on one side (the placement study's rows): the gallery's and the gradient noise's
+PLACEMENTS = ("baseline", "multicrop:source", "multicrop:target", "scalemix:source",
+              "scalemix:target", "stronger:source", "stronger:target", "weaker:source",
+              "weaker:target", "syncbn:source", "syncbn:target", "meanenc:3,1", "meanenc:1,3")
 
 
 def parse_args(argv=None):
@@ -130,6 +136,22 @@ def parse_args(argv=None):
                    help="--sides: per-device BN groups per process (default: the checkpoint's "
                         "--bn-splits); a run on W processes measured on one: W x its --bn-splits "
                         "(or run this on W processes)")
+    g = p.add_argument_group("the views gallery and the gradient noise (the paper's Sec. 5)")
+    g.add_argument("--gallery", action="store_true",
+                   help="instead of --designs: draw the source's and the target's views of each "
+                        "--placements for the first --gallery-images held-out images (views.png)")
+    g.add_argument("--gallery-images", type=int, default=3, help="images in the gallery")
+    g.add_argument("--grad-noise", action="store_true",
+                   help="instead of --designs: the checkpoint's loss gradient dL/dW on one batch "
+                        "of held-out images (--num-images, default the run's --batch-size), "
+                        "redrawing the target's views R = --views times (V_t), the source's (V_s) "
+                        "or both (V), per --placements (gradient_noise.md, .csv)")
+    g.add_argument("--placements", nargs="+", default=list(PLACEMENTS), metavar="PLACEMENT",
+                   help="DESIGN:SIDE (multicrop, scalemix, stronger, weaker, syncbn on source, "
+                        "target or both), meanenc:NS,NT (views averaged on each side), baseline")
+    g.add_argument("--grad-params", choices=["last", "all"], default="last",
+                   help="W: the source projector's last linear layer (the paper's, before z) or "
+                        "every source parameter")
     g = p.add_argument_group("dimensional collapse")
     g.add_argument("--collapse", action="store_true", help="also the singular-value spectrum and "
                    "its AUC (Li et al. 2022): min(N, D) singular values of N images x D "
@@ -570,8 +592,16 @@ def run(args):
     if args.amp == "auto":
         args.amp = "off" if device.type != "cuda" else \
             "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    modes = [name for name in ("sides", "gallery", "grad_noise") if getattr(args, name)]
+    if len(modes) > 1:
+        raise augment.InputError(f"{' and '.join('--' + m.replace('_', '-') for m in modes)}: "
+                                 f"one at a time")
     if args.sides:
         measure_sides(args, device)
+    elif args.gallery:
+        gallery(args)
+    elif args.grad_noise:
+        grad_noise(args, device)
     else:
         measure_designs(args, device)
     if dist.is_initialized():
@@ -699,6 +729,306 @@ def write_sides(record, info, run_args, args):
     with open(os.path.join(args.output_dir, "variance_sides.json"), "w") as f:
         json.dump(record, f)
     with open(os.path.join(args.output_dir, "variance.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+# =============================================================================================
+# Placements: one design on one side, as the scripts' flags (the gallery, the gradient noise)
+# =============================================================================================
+# the scripts' design flags with no design anywhere: a placement adds its own to these
+PLAIN = {"multicrop": 0, "multicrop_on": "source", "scalemix_on": None, "source_aug": "default",
+         "target_aug": "default", "syncbn_on": None, "mean_enc_source": 1, "mean_enc": 1}
+
+
+def placement(spec):
+    """'scalemix:target' -> ("ScaleMix target", the scripts' flags that place it there);
+    'meanenc:1,3' -> ("MeanEnc (1,3)", 1 source and 3 target encodings averaged); 'baseline'."""
+    design, _, side = spec.lower().partition(":")
+    sides = ["source", "target"] if side == "both" else [side]
+    if spec == "baseline":
+        return "baseline", {}
+    if design == "meanenc" and re.fullmatch(r"[1-9]\d*,[1-9]\d*", side):
+        n_s, n_t = side.split(",")
+        return f"MeanEnc ({n_s},{n_t})", {"mean_enc_source": int(n_s), "mean_enc": int(n_t)}
+    if design in NAMES and design != "baseline" and side in ("source", "target", "both"):
+        flags = {"multicrop": {"multicrop": 6, "multicrop_on": side},
+                 "scalemix": {"scalemix_on": side}, "syncbn": {"syncbn_on": side},
+                 "stronger": {f"{s}_aug": "stronger" for s in sides},
+                 "weaker": {f"{s}_aug": "weaker" for s in sides}}[design]
+        return f"{NAMES[design]} {side}", flags
+    raise augment.InputError(f"--placements {spec}: write DESIGN:SIDE (multicrop, scalemix, "
+                             f"stronger, weaker or syncbn on source, target or both), "
+                             f"meanenc:NS,NT or baseline")
+
+
+def placed(run_args, spec):
+    """A run's arguments with its designs replaced by one placement's."""
+    return argparse.Namespace(**{**vars(run_args), **PLAIN, **placement(spec)[1]})
+
+
+# =============================================================================================
+# The views gallery: what each placement gives the source and the target (Fig. 2, top row)
+# =============================================================================================
+@contextlib.contextmanager
+def recorded_boxes(boxes):
+    """ScaleMix's boxes, appended to `boxes` in the order augment.scalemix draws them."""
+    draw = augment.random_scalemix_box
+
+    def record(height, width):
+        boxes.append(draw(height, width))
+        return boxes[-1]
+    augment.random_scalemix_box = record
+    try:
+        yield boxes
+    finally:
+        augment.random_scalemix_box = draw
+
+
+def to_uint8(view):
+    """A normalised float 3xHxW view -> uint8 3xHxW pixels."""
+    mean, std = augment.imagenet_mean_std(view.device)
+    return (view[None] * std + mean)[0].clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def gallery_cells(views, images, seed=0):
+    """The views training draws for each image -> [(image index, side, label, uint8 3xHxW, ScaleMix
+    box (top, bottom, left, right) or None)], the source's first. Labels: S/T the standard views
+    (numbered where MeanEnc draws several), s/t MultiCrop's small crops, "mix" a ScaleMix view.
+    Image i's views are seeded by (seed, i): the same picture every time."""
+    cells = []
+    for i, image in enumerate(images):
+        with torch.random.fork_rng(devices=[]), recorded_boxes([]) as boxes:
+            torch.manual_seed(seed * 1_000_003 + i)
+            drawn = views(image)
+        for kind, n in sorted(views.counts().items(), key=lambda kv: not kv[0].startswith("s")):
+            side, small = kind.split("_")[0], kind.endswith("_small")
+            mixed = not small and views.scalemix_on in (side, "both")
+            letter = side[0] if small else side[0].upper()
+            for j, view in enumerate(drawn[kind]):
+                label = letter + (str(j + 1) if n > 1 else "") + (" mix" if mixed else "")
+                cells.append((i, side, label, to_uint8(view), boxes.pop(0) if mixed else None))
+    return cells
+
+
+def draw_gallery(rows, path, zoom=3, title=""):
+    """rows: [(name, cells)] -> one PNG: a row per placement, per image the source's views then
+    the target's, each labelled; ScaleMix's pasted box outlined in red; views at `zoom`x their
+    pixels, so MultiCrop's small crops show at their size."""
+    from PIL import Image, ImageDraw, ImageFont
+    font, pad, label_w, text_h = ImageFont.load_default(size=11), 6, 130, 14
+    height = text_h + zoom * max(c[3].shape[1] for _, cells in rows for c in cells)
+    layout, width = [], 0
+    for name, cells in rows:  # x of every cell: images apart by 3 pads, sides apart by 2
+        x, placed_cells, last, lines = label_w, [], None, []
+        for cell in cells:
+            if last is not None and cell[0] != last[0]:  # the next image: a grey line between
+                lines.append(x + pad)
+                x += 3 * pad
+            elif last is not None and cell[1] != last[1]:  # the target's views
+                x += 2 * pad
+            placed_cells.append((x, cell))
+            x, last = x + zoom * cell[3].shape[2] + 2, cell[:2]
+        layout.append((name, placed_cells, lines))
+        width = max(width, x + pad)
+    canvas = Image.new("RGB", (width, text_h + 2 + len(rows) * (height + pad)), "white")
+    pen = ImageDraw.Draw(canvas)
+    pen.text((pad, 2), title, fill="black", font=font)
+    for r, (name, placed_cells, lines) in enumerate(layout):
+        top = text_h + 2 + r * (height + pad)
+        pen.text((pad, top + height // 2), name, fill="black", font=font)
+        for x in lines:
+            pen.line((x, top, x, top + height), fill=(190, 190, 190))
+        for x, (_, side, label, pixels, box) in placed_cells:
+            tile = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+            tile = tile.resize((zoom * tile.width, zoom * tile.height), Image.NEAREST)
+            canvas.paste(tile, (x, top + text_h))
+            if box:  # (top, bottom, left, right) in the view's pixels
+                b_top, b_bottom, b_left, b_right = (zoom * v for v in box)
+                pen.rectangle((x + b_left, top + text_h + b_top, x + b_right - 1,
+                               top + text_h + b_bottom - 1), outline="red")
+            colour = (31, 119, 180) if side == "source" else (230, 110, 0)  # blue, orange
+            pen.text((x, top), label, fill=colour, font=font)
+    canvas.save(path)
+    return path
+
+
+def gallery(args):
+    """--gallery: views.png of each --placements on the first --gallery-images held-out images."""
+    framework = args.framework or (checkpoint_framework(read_checkpoint(args.checkpoint))
+                                   if args.checkpoint else "mocov2")
+    module, defaults = script_defaults(framework)
+    run_args = argparse.Namespace(**{**defaults, "image_size": args.image_size or 224,
+                                     "gpu_aug": False})
+    base = augment.base_dataset(args.data, "test", args.data_root)
+    images = [base[i][0] for i in range(min(args.gallery_images, len(base)))]
+    specs = [spec for spec in args.placements if not spec.lower().startswith("syncbn")]
+    if len(specs) < len(args.placements):
+        print("note: SyncBN changes the projector's BN, not the views: not in the gallery")
+    rows = [(placement(spec)[0], gallery_cells(module.make_views(placed(run_args, spec)), images,
+                                               args.seed)) for spec in specs]
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = draw_gallery(rows, os.path.join(args.output_dir, "views.png"),
+                        zoom=max(1, 96 // run_args.image_size), title=(
+                            f"{framework} views of {len(images)} {args.data} held-out images at "
+                            f"{run_args.image_size} px (seed {args.seed}): S source, T target, s/t "
+                            f"MultiCrop's small crops, red: ScaleMix's pasted box"))
+    print(f"views gallery: {path} ({len(rows)} placements x {len(images)} images, "
+          f"{sum(len(cells) for _, cells in rows)} views)", flush=True)
+    return rows
+
+
+# =============================================================================================
+# The gradient noise of each placement (the paper's Sec. 5, measured)
+# =============================================================================================
+# +-----------------------------------------------------------------------------------------+
+# | Sec. 5: for z = W f, dL/dW takes the target's features through differences f'_j - f'_i |
+# | and the source's through f_i. More variance on the target side raises the variance of   |
+# | the gradient without changing its expectation: a noisier step for nothing. Measured     |
+# | here: the spread of dL/dW over redrawn views, one side at a time.                      |
+# +-----------------------------------------------------------------------------------------+
+def spread(gradients):
+    """R flat gradients -> mean_j ||g_j - mean g||^2 and the mean gradient."""
+    g = torch.stack(gradients).double()
+    mean = g.mean(0)
+    return (g - mean).square().sum(1).mean().item(), mean
+
+
+def gradient_noise(gradient, r):
+    """gradient(s, t) -> dL/dW (flat) with the source's views of draw s and the target's of draw t.
+    The source's draw 0 held and the target's redrawn (1..r): V_t; the reverse: V_s; both: V. The
+    signal ||E g||^2 from the last: ||mean g||^2 less the noise's share in it, V / (r - 1) (the
+    mean of r draws keeps 1/r of their variance), so that it is unbiased. -> dict, and V / signal."""
+    v_t, _ = spread([gradient(0, j) for j in range(1, r + 1)])
+    v_s, _ = spread([gradient(j, 0) for j in range(1, r + 1)])
+    v, mean = spread([gradient(j, j) for j in range(1, r + 1)])
+    signal = mean.square().sum().item() - v / (r - 1)
+    return {"V_t": v_t, "V_s": v_s, "V": v, "signal": signal,
+            "noise_to_signal": v / signal if signal > 0 else math.inf}
+
+
+def draw_seed(seed, side, j, i):
+    """The seed of draw j of image i's views on one side: each side is redrawn alone."""
+    return ((seed * 2 + (side == "target")) * 1_000_003 + j) * 1_000_003 + i
+
+
+def side_draws(views, images, side, r, seed):
+    """Draws 0..r of one side's views of a batch of images (kind -> (n*N)x3xHxW, view-major, as
+    collate_views)."""
+    draws = []
+    for j in range(r + 1):
+        samples = []
+        for i, image in enumerate(images):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(draw_seed(seed, side, j, i))
+                drawn = views(image)
+            samples.append(({k: v for k, v in drawn.items() if k.split("_")[0] == side}, 0))
+        draws.append(augment.collate_views(samples)[0])
+    return draws
+
+
+def loss_gradient(module, encoders, queue, run_args, weights):
+    """-> gradient(batch): dL/dW of the script's own train_step on one batch, BN in train mode, the
+    random state (MoCo's shuffled BN) the same at every call, so only the views vary."""
+    source, target = encoders
+
+    def gradient(batch):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run_args.seed)
+            extra = [queue] if queue is not None else []
+            loss = module.train_step(source, target, *extra, batch, run_args)[0]
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        return torch.cat([torch.zeros(w.numel()) if g is None else g.flatten().cpu()
+                          for w, g in zip(weights, grads)])
+    return gradient
+
+
+def grad_noise(args, device):
+    """--grad-noise: gradient_noise for each --placements on the checkpoint's encoders (source,
+    target, MoCo v2's queue), the run's designs replaced by the placement's."""
+    if world_size() > 1:
+        raise augment.InputError("--grad-noise runs on one process: run it without torchrun")
+    if not args.checkpoint:
+        raise augment.InputError("--grad-noise measures a trained run: give its --checkpoint")
+    ckpt = read_checkpoint(args.checkpoint)
+    framework = args.framework or checkpoint_framework(ckpt)
+    module, defaults = script_defaults(framework)
+    run_args = argparse.Namespace(**{**defaults, **ckpt["args"], "gpu_aug": False, "sym": False})
+    specs = [placement(spec)[0] for spec in args.placements]  # bad names: one line, before work
+    base = augment.base_dataset(args.data, "test", args.data_root)
+    n = min(args.num_images or run_args.batch_size, len(base))
+    if n < 2 * run_args.bn_splits or n % run_args.bn_splits or args.views < 2:
+        raise augment.InputError(f"--num-images {n}: a multiple of the run's --bn-splits "
+                                 f"{run_args.bn_splits}, 2 or more per BN group; --views 2 or more")
+    images = [base[i][0] for i in range(n)]
+    rows = []
+    for spec, name in zip(args.placements, specs):
+        start, p_args = time.time(), placed(run_args, spec)
+        encoders = module.build_encoders(p_args, device)
+        for encoder, part in zip(encoders, ("source", "target")):
+            encoder.load_state_dict(ckpt[part])
+            for m in encoder.modules():  # train-mode BN, its running statistics left alone
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = 0.0
+            encoder.train()
+        queue = None
+        if "queue" in ckpt:
+            queue = module.Queue(run_args.queue_size, run_args.dim).to(device)
+            queue.load_state_dict(ckpt["queue"])
+        source = encoders[0]
+        weights = list(source.parameters()) if args.grad_params == "all" else \
+            [[m for m in source.projector.modules() if isinstance(m, nn.Linear)][-1].weight]
+        views = module.make_views(p_args)
+        draws = {side: side_draws(views, images, side, args.views, args.seed)
+                 for side in ("source", "target")}
+        batch_gradient = loss_gradient(module, encoders, queue, p_args, weights)
+        result = gradient_noise(lambda s, t: batch_gradient(
+            {k: x.to(device) for k, x in {**draws["source"][s], **draws["target"][t]}.items()}),
+            args.views)
+        rows.append((name, result))
+        print(f"{name}: V_t {result['V_t']:.3g}, V_s {result['V_s']:.3g}, V {result['V']:.3g}, "
+              f"signal {result['signal']:.3g} ({time.time() - start:.0f} s)", flush=True)
+    weight = "every source parameter" if args.grad_params == "all" else \
+        "the source projector's last linear layer"
+    info = (f"{framework}_asym.py checkpoint {args.checkpoint} (step {ckpt['step']}), W = "
+            f"{weight}, the first {n} {args.data} held-out images in one batch, R = {args.views} "
+            f"draws of each side's views")
+    write_grad_noise(rows, info, args)
+    return rows
+
+
+def predicts(name):
+    """What Sec. 5 predicts for V_t against the baseline's."""
+    up, down = ("MultiCrop", "ScaleMix", "StrongerAug"), ("WeakerAug", "SyncBN")
+    if name.startswith("MeanEnc"):
+        n_s, n_t = map(int, name[9:-1].split(","))
+        return "V_t lower (target averaged)" if n_t > 1 else "none (target unchanged)"
+    design, _, side = name.rpartition(" ")
+    if side in ("target", "both"):
+        return "V_t higher" if design in up else "V_t lower" if design in down else ""
+    return "none (target unchanged)" if side == "source" else "reference"
+
+
+def write_grad_noise(rows, info, args):
+    """gradient_noise.md (printed too) and gradient_noise.csv."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    base = rows[0][1]
+    keys = ("V_t", "V_s", "V", "signal", "noise_to_signal")
+    lines = [f"Gradient noise (Sec. 5): {info}. Each cell: the value and, in brackets, its "
+             f"ratio to the first row's ({rows[0][0]}).", "",
+             "| placement | V_t (target redrawn) | V_s (source redrawn) | V (both) | signal S "
+             "(E g, squared norm) | noise / signal V / S | Sec. 5 predicts |",
+             "|---|---|---|---|---|---|---|"]
+    with open(os.path.join(args.output_dir, "gradient_noise.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["placement", *keys, *(f"{k}_vs_{rows[0][0]}" for k in keys)])
+        for name, result in rows:
+            ratios = [result[k] / base[k] if base[k] else math.nan for k in keys]
+            cells = [f"{result[k]:.3g} (x{ratio:.2f})" for k, ratio in zip(keys, ratios)]
+            lines.append(f"| {name} | {' | '.join(cells)} | {predicts(name)} |")
+            writer.writerow([name, *(f"{result[k]:.6e}" for k in keys),
+                             *(f"{ratio:.4f}" for ratio in ratios)])
+    with open(os.path.join(args.output_dir, "gradient_noise.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -220,7 +220,8 @@ def test_every_design_end_to_end_writes_table_csv_and_plots(tmp_path, capsys):
     assert len(spectrum) == 32 and float(spectrum[-1]["cev"]) == pytest.approx(1.0)
     if importlib.util.find_spec("matplotlib") is None:
         assert "plots skipped: matplotlib is not installed" in printed
-        pytest.skip("matplotlib is not installed: the PNG plots are not drawn (table and CSV checked)")
+        pytest.skip("matplotlib is not installed (pip install -r requirements-extra.txt): "
+                    "the PNG files are not checked")  # one reason: one summary line
     assert (tmp_path / "variance.png").stat().st_size > 0 and (tmp_path / "collapse.png").stat().st_size > 0
 
 
@@ -303,3 +304,139 @@ def test_arch_that_contradicts_the_checkpoint_and_a_refused_pickle_are_errors(tm
     line = error_line(TINY + ["--checkpoint", str(tmp_path / "evil.pth")] + out, capsys)
     assert "it holds objects other than tensors and plain containers (the first: posix.system)" in line and "\x1b" not in line
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The views gallery
+# ---------------------------------------------------------------------------------------------
+def gallery_args(tmp_path, *extra):
+    return variance.parse_args(TINY + ["--gallery", "--gallery-images", "2", "--output-dir", str(tmp_path), *extra])
+
+
+def test_gallery_cells_are_the_training_views_one_labelled_cell_each(tmp_path):
+    """A cell per view of each placement, side and image, labelled; MultiCrop's small crops at 16 px;
+    ScaleMix's cell is the view Views gives and its box the pasted one: the first view outside it,
+    the second inside."""
+    rows = dict(variance.gallery(gallery_args(tmp_path)))
+    assert "SyncBN source" not in rows and len(rows) == len(variance.PLACEMENTS) - 2  # no view change
+    expected = {"baseline": (1, 1), "MultiCrop source": (7, 1), "MultiCrop target": (1, 7), "MeanEnc (3,1)": (3, 1),
+                "MeanEnc (1,3)": (1, 3), "ScaleMix target": (1, 1), "WeakerAug target": (1, 1)}
+    for name, (n_source, n_target) in expected.items():
+        for image in (0, 1):
+            sides = [side for i, side, *_ in rows[name] if i == image]
+            assert sides == ["source"] * n_source + ["target"] * n_target, name
+    assert all(label for *_, label, _, _ in [c[:3] + c[2:] for cells in rows.values() for c in cells])
+    small = [c for c in rows["MultiCrop target"] if c[2].startswith("t") and c[2] != "T"]
+    assert [c[2] for c in small[:6]] == [f"t{j}" for j in range(1, 7)]
+    assert {c[3].shape for c in small} == {(3, 16, 16)} and rows["baseline"][0][3].shape == (3, 32, 32)
+
+    image = augment.base_dataset("synthetic", "test")[1][0]
+    views = augment.Views(32, "mocov2", scalemix_on="source")
+    (_, side, label, pixels, box), = [c for c in rows["ScaleMix source"] if c[0] == 1 and c[1] == "source"]
+    assert (side, label) == ("source", "S mix") and box is not None
+    with torch.random.fork_rng():
+        torch.manual_seed(0 * 1_000_003 + 1)
+        assert torch.equal(pixels, variance.to_uint8(views(image)["source"][0]))  # Views' own view
+        torch.manual_seed(0 * 1_000_003 + 1)
+        first, second = views.transforms["source"](augment.v2.functional.pil_to_tensor(image)), None
+        second = views.transforms["source"](augment.v2.functional.pil_to_tensor(image))
+    top, bottom, left, right = box
+    mixed = first.clone()
+    mixed[:, top:bottom, left:right] = second[:, top:bottom, left:right]
+    assert torch.equal(pixels, variance.to_uint8(mixed)) and not torch.equal(pixels, variance.to_uint8(first))
+
+
+def test_gallery_png_repeats_with_its_seed(tmp_path):
+    variance.gallery(gallery_args(tmp_path / "a", "--placements", "baseline", "multicrop:source", "scalemix:source"))
+    variance.gallery(gallery_args(tmp_path / "b", "--placements", "baseline", "multicrop:source", "scalemix:source"))
+    variance.gallery(gallery_args(tmp_path / "c", "--placements", "baseline", "multicrop:source", "scalemix:source",
+                                  "--seed", "1"))
+    png = [(tmp_path / name / "views.png").read_bytes() for name in "abc"]
+    assert png[0][:8] == b"\x89PNG\r\n\x1a\n" and png[0] == png[1] and png[0] != png[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient noise (the paper's Sec. 5)
+# ---------------------------------------------------------------------------------------------
+def test_gradient_noise_by_hand():
+    """g(s, t) = a_s + b_t: V_t is b's spread over draws 1..R, V_s a's, V that of a_j + b_j (population,
+    / R), the signal ||mean||^2 less V / (R - 1); views held fixed give no noise; a gradient that
+    only the target's draw moves has V_s = 0 (the sides not swapped)."""
+    torch.manual_seed(0)
+    a, b, r = torch.randn(5, 3).double() + 2, torch.randn(5, 3).double(), 4
+    got = variance.gradient_noise(lambda s, t: a[s] + b[t], r)
+    spread = lambda x: ((x - x.mean(0)) ** 2).sum(1).mean().item()  # noqa: E731
+    both = a[1:] + b[1:]
+    assert got["V_t"] == pytest.approx(spread(b[1:])) and got["V_s"] == pytest.approx(spread(a[1:]))
+    assert got["V"] == pytest.approx(spread(both))
+    assert got["signal"] == pytest.approx(both.mean(0).square().sum().item() - spread(both) / (r - 1))
+    assert got["noise_to_signal"] == pytest.approx(got["V"] / got["signal"])
+    fixed = variance.gradient_noise(lambda s, t: a[0] + b[0], r)
+    assert fixed["V_t"] == fixed["V_s"] == fixed["V"] == 0
+    assert fixed["signal"] == pytest.approx((a[0] + b[0]).square().sum().item())
+    target_only = variance.gradient_noise(lambda s, t: b[t], r)
+    assert target_only["V_s"] == 0 and target_only["V_t"] == pytest.approx(target_only["V"]) and target_only["V"] > 0
+
+
+def test_grad_noise_equals_a_direct_autograd_loop(tmp_path):
+    """--grad-noise on a MoCo v2 checkpoint (8 images, R = 2, one BN group: no shuffle) equals dL/dW
+    by torch.autograd over the same views, InfoNCE written out: baseline and MeanEnc (1,2)."""
+    import mocov2_asym as moco
+    run_args = moco.parse_args(["--arch", "resnet18", "--image-size", "32", "--queue-size", "32", "--batch-size", "8",
+                                "--workers", "0", "--seed", "3"])
+    source, target = moco.build_encoders(run_args, torch.device("cpu"))
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # the target not the source's copy
+    queue = moco.Queue(32, 128)
+    torch.save({"framework": "mocov2", "step": 5, "steps_per_epoch": 10, "args": vars(run_args),
+                "source": source.state_dict(), "target": target.state_dict(), "queue": queue.state_dict()},
+               tmp_path / "checkpoint.pth")
+    args = variance.parse_args(["--checkpoint", str(tmp_path), "--grad-noise", "--views", "2", "--data", "synthetic",
+                                "--placements", "baseline", "meanenc:1,2", "--output-dir", str(tmp_path / "out")])
+    rows = dict(variance.grad_noise(args, torch.device("cpu")))
+
+    images = [augment.base_dataset("synthetic", "test")[i][0] for i in range(8)]
+    weight = source.projector[-1].weight
+    for name, n_t in (("baseline", 1), ("MeanEnc (1,2)", 2)):
+        views = augment.Views(32, "mocov2", n_target=n_t)
+
+        def side(s, j):  # draw j of one side: views of the 8 images, view-major
+            drawn = []
+            for i, image in enumerate(images):
+                with torch.random.fork_rng():
+                    torch.manual_seed(variance.draw_seed(0, s, j, i))
+                    drawn.append(views(image)[s])
+            return torch.stack(drawn, 1).flatten(0, 1)
+
+        def gradient(s, t):
+            q = F.normalize(source.projector(source.backbone(side("source", s))), dim=1)
+            with torch.no_grad():
+                k = F.normalize(target.projector(target.backbone(side("target", t))).view(n_t, 8, -1).mean(0), dim=1)
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.keys.T], 1) / 0.2
+            loss = -torch.log_softmax(logits, 1)[:, 0].mean()
+            return torch.autograd.grad(loss, weight)[0].flatten().double()
+
+        source.train(), target.train()
+        g_t = torch.stack([gradient(0, j) for j in (1, 2)])
+        g_s = torch.stack([gradient(j, 0) for j in (1, 2)])
+        g = torch.stack([gradient(j, j) for j in (1, 2)])
+        spread = lambda x: ((x - x.mean(0)) ** 2).sum(1).mean().item()  # noqa: E731
+        assert rows[name]["V_t"] == pytest.approx(spread(g_t), rel=1e-4) and spread(g_t) > 0, name
+        assert rows[name]["V_s"] == pytest.approx(spread(g_s), rel=1e-4), name
+        assert rows[name]["V"] == pytest.approx(spread(g), rel=1e-4), name
+        assert rows[name]["signal"] == pytest.approx(g.mean(0).square().sum().item() - spread(g), rel=1e-4)
+    table = (tmp_path / "out" / "gradient_noise.md").read_text()
+    assert "| MeanEnc (1,2) |" in table and "V_t lower (target averaged)" in table
+    assert len(read_csv(tmp_path / "out" / "gradient_noise.csv")) == 2
+
+
+def test_grad_noise_and_gallery_bad_input_one_line(capsys):
+    for argv, message in ((["--grad-noise"], "give its --checkpoint"),
+                          (["--gallery", "--placements", "mixup:source"], "--placements mixup:source"),
+                          (["--gallery", "--sides"], "--sides and --gallery: one at a time")):
+        with pytest.raises(SystemExit) as stop:
+            variance.main(TINY + argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err
