@@ -16,6 +16,7 @@ Examples:
     python benchmarks/placement_study.py --quick     # ScaleMix and WeakerAug, one seed
     python benchmarks/placement_study.py --seeds 0 1 2 --sides source target both
     python benchmarks/placement_study.py --script simsiam_asym.py --quick
+    python benchmarks/placement_study.py --report docs/table1/results-12ep.jsonl  # no training
 """
 import argparse
 import ast
@@ -73,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count(),
                    help="runs at once, one thread each (default: the CPUs)")
     p.add_argument("--output-dir", default="runs/placement", help="default: runs/placement")
+    p.add_argument("--report", metavar="RESULTS", help="train nothing: the tables, correlation "
+                   "and picture of a study's results.jsonl (its rows, seeds and epochs)")
     p.add_argument("extra", nargs=argparse.REMAINDER,
                    help="after --: more flags for every run (they override the example's)")
     args = p.parse_args(argv)
@@ -219,8 +222,8 @@ def format_row(name, paper, values, baseline, half):
 
 
 def header(args):
-    return [f"| placement | kNN top-1 (seeds) | kNN at epoch {args.epochs // 2} (seeds) | gain over "
-            f"random start | vs baseline | paper | paper vs baseline | v_source (x1e-4) | "
+    return [f"| placement | kNN top-1 (seeds) | kNN at epoch {args.epochs // 2} (seeds) | gain "
+            f"over random start | vs baseline | paper | paper vs baseline | v_source (x1e-4) | "
             f"v_target (x1e-4) |", "|---|---|---|---|---|---|---|---|---|"]
 
 
@@ -380,11 +383,44 @@ def plot(args, table, results, path):
     print(f"picture: {path}")
 
 
+def report(args, table, results, start):
+    """The tables and the correlation, printed and in table.md; the picture."""
+    lines = tables(args, table, results) + correlation_lines(args, table, results)
+    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    seconds = sum(r["seconds"] for r in results)
+    print(f"\n{args.script}, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}: "
+          f"{len(results)} runs, {seconds / 60:.0f} CPU-thread minutes, this call "
+          f"{(time.time() - start) / 60:.1f} min wall")
+    print("\n".join(lines))
+    if results:
+        plot(args, table, results, os.path.join(args.output_dir, "placement.png"))
+
+
+def read_back(args):
+    """--report: a finished study's results; its seeds, epochs (the last kNN's) and rows."""
+    if not os.path.isfile(args.report):
+        sys.exit(f"error: --report {args.report}: no such file")
+    results = [r for r in map(json.loads, open(args.report)) if "top1" in r]
+    if not results:
+        sys.exit(f"error: --report {args.report}: no finished run in it")
+    args.seeds = sorted({r["seed"] for r in results})
+    args.epochs = max(round(float(epoch)) for r in results for epoch in r["knn"])
+    names = {r["row"] for r in results}
+    args.designs, args.sides = list(PAPER), ["source", "target", "both"]
+    args.meanenc = [tuple(int(n) for n in name[9:-1].split(",")) for name in sorted(names)
+                    if name.startswith("MeanEnc (")]
+    return [row for row in rows(args) if row[0] in names], results
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(os.path.join(ROOT, args.script)):
         sys.exit(f"error: --script {args.script}: no such script in {ROOT}")
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.report:
+        table, results = read_back(args)
+        return report(args, table, results, time.time())
     path = os.path.join(args.output_dir, "results.jsonl")
     results = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     table = rows(args)
@@ -411,16 +447,7 @@ def main(argv=None):
                 line = next(line for line in tables(args, table, results)
                             if line.startswith(f"| {result['row']} |"))
                 print(f"{line}  ({time.time() - start:.0f} s)", flush=True)
-    lines = tables(args, table, results) + correlation_lines(args, table, results)
-    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    seconds = sum(r["seconds"] for r in results)
-    print(f"\n{args.script}, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}: "
-          f"{len(results)} runs, {seconds / 60:.0f} CPU-thread minutes, this call "
-          f"{(time.time() - start) / 60:.1f} min wall")
-    print("\n".join(lines))
-    if results:
-        plot(args, table, results, os.path.join(args.output_dir, "placement.png"))
+    report(args, table, results, start)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,26 @@ def test_the_study_s_tables_and_its_resume(tmp_path, monkeypatch, capsys):
     assert "6 runs done before, 0 to run" in out and not calls and top1_line in out and gain_line in out
 
 
+def test_a_report_reads_a_finished_study_back_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    """--report: the rows, seeds and epochs of a results.jsonl (a 12-epoch study: midpoint 6), its
+    tables and correlation, no run started; a failed record left out."""
+    monkeypatch.setattr(study, "train", lambda *a: pytest.fail("--report trained"))
+    made = fake_train([])
+    results = [{**made(None, name, [], seed), "knn": {"0": 10.0, "6": 40.0 + seed, "12": 50.0}}
+               for name in ("baseline", "ScaleMix target") for seed in (0, 3)]
+    results.append({**results[0], "row": "MeanEnc (1,3)", "top1": 70.0})
+    results.append({"row": "WeakerAug source", "seed": 0, "flags": [], "seconds": 1.0, "error": "x"})
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in results))
+    study.main(["--report", str(path), "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "12 epochs, seeds 0 3: 5 runs" in out and "| kNN at epoch 6 (seeds) |" in out
+    names = [line.split(" | ")[0][2:] for line in (tmp_path / "out" / "table.md").read_text().splitlines()[2:5]]
+    assert names == ["baseline", "ScaleMix target", "MeanEnc (1,3)"]
+    assert "| baseline | 61.5 +- 2.1 | 41.5 +- 2.1 |" in out
+    assert "over 5 runs" in out and "WeakerAug" not in out
+
+
 def test_the_picture_s_third_panel(tmp_path, monkeypatch):
     """placement.png: three panels, the third each run's top-1 against v_target / v_source on a log
     scale, the correlation in its title."""
