@@ -494,6 +494,25 @@ def plot_spectrum(s, cev, auc, path, plt):
     plt.close(fig)
 
 
+def direction(design, ratio):
+    """'up, up: agrees': whether the design raises (up) or lowers (down) v: ours, the paper's."""
+    if design == "baseline" or design not in PAPER:
+        return ""
+    ours, paper = ("up" if r > 1 else "down" for r in (ratio, PAPER[design] / PAPER["baseline"]))
+    return f"{ours}, {paper}: {'agrees' if ours == paper else 'differs'}"
+
+
+def ordering(v):
+    """The designs by v (design -> mean v), against the paper's order: the pairs ordered alike."""
+    ours = sorted(v, key=v.get, reverse=True)
+    shared = [d for d in sorted(PAPER, key=PAPER.get, reverse=True) if d in v]
+    pairs = [(a, b) for i, a in enumerate(shared) for b in shared[i + 1:]]  # a above b (paper)
+    alike = sum(v[a] > v[b] for a, b in pairs)
+    return (f"Ordered by v: {' > '.join(design_name(d) for d in ours)}; the paper's: "
+            f"{' > '.join(design_name(d) for d in shared)}; {alike} of {len(pairs)} pairs of "
+            f"designs in the paper's order.")
+
+
 def write_outputs(per_image, images, collapse, d, info, args):
     """variance.md (printed too), variance.csv, variance_per_image.csv (one row per data-set index
     in `images`), collapse_spectrum.csv and the plots."""
@@ -501,8 +520,8 @@ def write_outputs(per_image, images, collapse, d, info, args):
     base = per_image["baseline"].mean().item()
     lines = [f"Variance reference: {info}. Encodings uniform on the sphere give (1 - 1/r)/d = "
              f"{1e4 * uniform_reference(args.views, d):.1f}e-4 for r={args.views}, d={d}.", "",
-             "| design | v (x1e-4) | v / v_baseline | paper v (x1e-4) | paper v / v_baseline |",
-             "|---|---|---|---|---|"]
+             "| design | v (x1e-4) | v / v_baseline | paper v (x1e-4) | paper v / v_baseline | "
+             "direction (ours, paper) |", "|---|---|---|---|---|---|"]
     with open(os.path.join(args.output_dir, "variance.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["design", "variance", "ratio_to_baseline", "images", "views", "dim"])
@@ -511,8 +530,9 @@ def write_outputs(per_image, images, collapse, d, info, args):
             paper = PAPER.get(design)
             paper_cells = f"{paper:.1f} | {paper / PAPER['baseline']:.2f}" if paper else "- | -"
             lines.append(f"| {design_name(design)} | {mean * 1e4:.2f} | {mean / base:.2f} | "
-                         f"{paper_cells} |")
+                         f"{paper_cells} | {direction(design, mean / base)} |")
             writer.writerow([design, f"{mean:.6e}", f"{mean / base:.4f}", len(v), args.views, d])
+    lines += ["", ordering({design: v.mean().item() for design, v in per_image.items()})]
     with open(os.path.join(args.output_dir, "variance_per_image.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image"] + list(per_image))
@@ -898,7 +918,7 @@ def gradient_noise(gradient, r):
     """gradient(s, t) -> dL/dW (flat) with the source's views of draw s and the target's of draw t.
     The source's draw 0 held and the target's redrawn (1..r): V_t; the reverse: V_s; both: V. The
     signal ||E g||^2 from the last: ||mean g||^2 less the noise's share in it, V / (r - 1) (the
-    mean of r draws keeps 1/r of their variance), so that it is unbiased. -> dict, and V / signal."""
+    mean of r draws keeps 1/r of their variance), so that it is unbiased. -> dict, V / signal."""
     v_t, _ = spread([gradient(0, j) for j in range(1, r + 1)])
     v_s, _ = spread([gradient(j, 0) for j in range(1, r + 1)])
     v, mean = spread([gradient(j, j) for j in range(1, r + 1)])
