@@ -908,23 +908,27 @@ def gallery(args):
 # | here: the spread of dL/dW over redrawn views, one side at a time.                      |
 # +-----------------------------------------------------------------------------------------+
 def spread(gradients):
-    """R flat gradients -> mean_j ||g_j - mean g||^2 and the mean gradient."""
+    """R flat gradients -> V = mean_j ||g_j - mean g||^2, its standard error (the spread of the R
+    terms / sqrt(R)) and the mean gradient."""
     g = torch.stack(gradients).double()
     mean = g.mean(0)
-    return (g - mean).square().sum(1).mean().item(), mean
+    terms = (g - mean).square().sum(1)
+    return terms.mean().item(), terms.std().item() / math.sqrt(len(terms)), mean
 
 
 def gradient_noise(gradient, r):
     """gradient(s, t) -> dL/dW (flat) with the source's views of draw s and the target's of draw t.
     The source's draw 0 held and the target's redrawn (1..r): V_t; the reverse: V_s; both: V. The
     signal ||E g||^2 from the last: ||mean g||^2 less the noise's share in it, V / (r - 1) (the
-    mean of r draws keeps 1/r of their variance), so that it is unbiased. -> dict, V / signal."""
-    v_t, _ = spread([gradient(0, j) for j in range(1, r + 1)])
-    v_s, _ = spread([gradient(j, 0) for j in range(1, r + 1)])
-    v, mean = spread([gradient(j, j) for j in range(1, r + 1)])
+    mean of r draws keeps 1/r of their variance), so that it is unbiased. -> dict: the three, their
+    standard errors (*_se), the signal and V / signal."""
+    v_t, v_t_se, _ = spread([gradient(0, j) for j in range(1, r + 1)])
+    v_s, v_s_se, _ = spread([gradient(j, 0) for j in range(1, r + 1)])
+    v, v_se, mean = spread([gradient(j, j) for j in range(1, r + 1)])
     signal = mean.square().sum().item() - v / (r - 1)
     return {"V_t": v_t, "V_s": v_s, "V": v, "signal": signal,
-            "noise_to_signal": v / signal if signal > 0 else math.inf}
+            "noise_to_signal": v / signal if signal > 0 else math.inf,
+            "V_t_se": v_t_se, "V_s_se": v_s_se, "V_se": v_se}
 
 
 def draw_seed(seed, side, j, i):
@@ -1017,16 +1021,27 @@ def grad_noise(args, device):
     return rows
 
 
-def predicts(name):
-    """What Sec. 5 predicts for V_t against the baseline's."""
-    up, down = ("MultiCrop", "ScaleMix", "StrongerAug"), ("WeakerAug", "SyncBN")
+def predicted(name):
+    """Sec. 5's prediction for V_t against the baseline's: "higher" where a design that raises the
+    variance is on the target, "lower" where one that lowers it is; None: the target unchanged."""
     if name.startswith("MeanEnc"):
-        n_s, n_t = map(int, name[9:-1].split(","))
-        return "V_t lower (target averaged)" if n_t > 1 else "none (target unchanged)"
+        return "lower" if int(name[9:-1].split(",")[1]) > 1 else None
     design, _, side = name.rpartition(" ")
-    if side in ("target", "both"):
-        return "V_t higher" if design in up else "V_t lower" if design in down else ""
-    return "none (target unchanged)" if side == "source" else "reference"
+    if side not in ("target", "both"):
+        return None
+    return "higher" if design in ("MultiCrop", "ScaleMix", "StrongerAug") else "lower"
+
+
+def compared(result, base, prediction):
+    """V_t against the baseline's: higher or lower, beyond twice the standard error of the
+    difference or within it, and against Sec. 5's prediction."""
+    diff = result["V_t"] - base["V_t"]
+    word = "higher" if diff > 0 else "lower"
+    if abs(diff) <= 2 * math.hypot(result["V_t_se"], base["V_t_se"]):
+        return f"{word}, within noise"
+    if prediction is None:
+        return f"{word}, beyond noise"
+    return f"{word}, beyond noise: {'as predicted' if word == prediction else 'not as predicted'}"
 
 
 def write_grad_noise(rows, info, args):
@@ -1037,16 +1052,21 @@ def write_grad_noise(rows, info, args):
     lines = [f"Gradient noise (Sec. 5): {info}. Each cell: the value and, in brackets, its "
              f"ratio to the first row's ({rows[0][0]}).", "",
              "| placement | V_t (target redrawn) | V_s (source redrawn) | V (both) | signal S "
-             "(E g, squared norm) | noise / signal V / S | Sec. 5 predicts |",
-             "|---|---|---|---|---|---|---|"]
+             "(E g, squared norm) | noise / signal V / S | Sec. 5 predicts V_t | V_t measured |",
+             "|---|---|---|---|---|---|---|---|"]
     with open(os.path.join(args.output_dir, "gradient_noise.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["placement", *keys, *(f"{k}_vs_{rows[0][0]}" for k in keys)])
-        for name, result in rows:
+        writer.writerow(["placement", *keys, "V_t_se", "V_s_se", "V_se",
+                         *(f"{k}_vs_{rows[0][0]}" for k in keys)])
+        for i, (name, result) in enumerate(rows):
             ratios = [result[k] / base[k] if base[k] else math.nan for k in keys]
             cells = [f"{result[k]:.3g} (x{ratio:.2f})" for k, ratio in zip(keys, ratios)]
-            lines.append(f"| {name} | {' | '.join(cells)} | {predicts(name)} |")
+            prediction = predicted(name)
+            verdict = compared(result, base, prediction) if i else "reference"
+            lines.append(f"| {name} | {' | '.join(cells)} | "
+                         f"{prediction or 'nothing: the target unchanged'} | {verdict} |")
             writer.writerow([name, *(f"{result[k]:.6e}" for k in keys),
+                             *(f"{result[k + '_se']:.6e}" for k in ("V_t", "V_s", "V")),
                              *(f"{ratio:.4f}" for ratio in ratios)])
     with open(os.path.join(args.output_dir, "gradient_noise.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

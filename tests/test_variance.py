@@ -388,8 +388,24 @@ def test_gradient_noise_by_hand():
     fixed = variance.gradient_noise(lambda s, t: a[0] + b[0], r)
     assert fixed["V_t"] == fixed["V_s"] == fixed["V"] == 0
     assert fixed["signal"] == pytest.approx((a[0] + b[0]).square().sum().item())
+    terms = ((both - both.mean(0)) ** 2).sum(1)  # V's standard error: the spread of its R terms / sqrt(R)
+    assert got["V_se"] == pytest.approx(terms.std().item() / r ** 0.5)
     target_only = variance.gradient_noise(lambda s, t: b[t], r)
     assert target_only["V_s"] == 0 and target_only["V_t"] == pytest.approx(target_only["V"]) and target_only["V"] > 0
+
+
+def test_grad_noise_verdicts_against_sec_5():
+    """Sec. 5's prediction per placement and the measured V_t against the baseline's, beyond twice
+    the standard error of the difference (here sqrt(0.3^2 + 0.4^2) = 0.5) or within it."""
+    assert [variance.predicted(name) for name in ("MultiCrop target", "ScaleMix both", "WeakerAug target",
+                                                  "SyncBN target", "StrongerAug source", "MeanEnc (1,3)",
+                                                  "MeanEnc (3,1)")] == ["higher", "higher", "lower", "lower",
+                                                                        None, "lower", None]
+    base = {"V_t": 5.0, "V_t_se": 0.3}
+    assert variance.compared({"V_t": 6.1, "V_t_se": 0.4}, base, "higher") == "higher, beyond noise: as predicted"
+    assert variance.compared({"V_t": 6.1, "V_t_se": 0.4}, base, "lower") == "higher, beyond noise: not as predicted"
+    assert variance.compared({"V_t": 4.1, "V_t_se": 0.4}, base, "higher") == "lower, within noise"
+    assert variance.compared({"V_t": 3.9, "V_t_se": 0.4}, base, None) == "lower, beyond noise"
 
 
 def test_grad_noise_equals_a_direct_autograd_loop(tmp_path):
@@ -441,7 +457,7 @@ def test_grad_noise_equals_a_direct_autograd_loop(tmp_path):
         assert rows[name]["V"] == pytest.approx(spread(g), rel=1e-4), name
         assert rows[name]["signal"] == pytest.approx(g.mean(0).square().sum().item() - spread(g), rel=1e-4)
     table = (tmp_path / "out" / "gradient_noise.md").read_text()
-    assert "| MeanEnc (1,2) |" in table and "V_t lower (target averaged)" in table
+    assert "| MeanEnc (1,2) |" in table and "| lower | lower, " in table and "| baseline |" in table
     assert len(read_csv(tmp_path / "out" / "gradient_noise.csv")) == 2
 
 
