@@ -58,3 +58,27 @@ def test_the_ci_runs_the_readmes_install_and_test_commands():
     readme, ci = (open(os.path.join(ROOT, p)).read() for p in ("README.md", ".ci/run"))
     for command in (".venv/bin/pip install -r requirements.txt", ".venv/bin/python -m pytest -q tests"):
         assert command in readme and command in ci
+
+
+def test_the_tutorial_runs_end_to_end_in_its_fast_mode(tmp_path):
+    """docs/tutorial.py --fast as a plain script: every step's output, each made by the project's own
+    code (the gallery, both runs' monitors, Fig. 2 on the trained and the random encoder, the
+    gradient noise, the published study read back); and its cells in the percent format."""
+    import subprocess
+    import sys
+    out = tmp_path / "tutorial"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "tutorial.py"), "--fast", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "gallery" / "views.png").read_bytes()[:4] == b"\x89PNG"
+    for run in ("baseline", "asym"):
+        records = [line for line in open(out / run / "log.jsonl") if "v_source" in line]
+        assert len(records) == 2, run  # before training and at the end
+    for fig2 in ("fig2_trained", "fig2_random"):
+        assert "pairs of designs in the paper's order" in (out / fig2 / "variance.md").read_text()
+    noise = (out / "grad_noise" / "gradient_noise.md").read_text()
+    assert "| MultiCrop target |" in noise and "| MeanEnc (1,3) |" in noise
+    if os.path.exists(os.path.join(ROOT, "docs", "table1", "results-12ep.jsonl")):
+        assert "Spearman rho" in (out / "table1" / "table.md").read_text()
+    cells = open(os.path.join(ROOT, "docs", "tutorial.py")).read().split("\n# %%")
+    assert len(cells) > 10 and sum(cell.startswith(" [markdown]") for cell in cells) >= 6
