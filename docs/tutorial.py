@@ -96,7 +96,7 @@ TRAIN += (["--epochs", "1", "--max-steps", "2", "--batch-size", "32", "--queue-s
            "--knn-every", "1", "--variance-images", "32", "--variance-views", "2"] if options.fast
           else ["--epochs", "6", "--knn-every", "2"])
 RUNS = {"baseline": [], "--asym-bn --mean-enc 2": ["--asym-bn", "--mean-enc", "2"]}
-DIRS = {name: os.path.join(OUT, "baseline" if not flags else "asym") for name, flags in RUNS.items()}
+DIRS = {name: os.path.join(OUT, "asym" if flags else "baseline") for name, flags in RUNS.items()}
 for name, flags in RUNS.items():
     mocov2_asym.main(TRAIN + flags + ["--output-dir", DIRS[name]])
 
@@ -107,8 +107,8 @@ for name, flags in RUNS.items():
 
 # %%
 for name, run in DIRS.items():
-    print(f"\n{name}\n| epoch | kNN top-1 | v_source (x1e-4) | v_target (x1e-4) | v_target / v_source |"
-          "\n|---|---|---|---|---|")
+    print(f"\n{name}\n| epoch | kNN top-1 | v_source (x1e-4) | v_target (x1e-4) | "
+          "v_target / v_source |\n|---|---|---|---|---|")
     log = plot_logs.read_log(run)
     knn = {r["step"]: r["knn_top1"] for r in log if "knn_top1" in r}
     for r in (r for r in log if "v_source" in r):
