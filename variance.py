@@ -20,16 +20,20 @@ its cumulative explained variance and AUC (0.5 flat ... 1 rank one), and SimSiam
 --sides measures a run instead: its source and target, each with its own views and BN, by the
 training scripts' variance monitor itself (augment.asymmetry_variance with the script's
 side_encode), so the numbers are those of the run's log.
+--gallery draws the views of each placement (one design on one side); --grad-noise measures the
+spread of the loss gradient over redrawn views of each side, per placement (Sec. 5).
 
 Examples:
-    python variance.py --checkpoint runs/mocov2_asym --data /path/to/imagenet --collapse   # Fig. 2
+    python variance.py --checkpoint runs/quickstart --data synthetic --views 8 \\
+        --num-images 512 --workers 2   # Fig. 2 on the README's quick-start run (CPU)
     python variance.py --framework mocov2 --arch resnet18 --image-size 32 --data synthetic \\
-        --num-images 256 --views 8 --batch-size 32 --syncbn-devices 4 \\
-        --workers 2   # random encoder, CPU
-    torchrun --nproc_per_node=8 variance.py --checkpoint runs/mocov2_asym/checkpoint.pth \\
-        --data $IMAGENET
+        --num-images 512 --views 8 --workers 2   # the same on a random encoder
     python variance.py --checkpoint runs/quickstart --data synthetic --sides --num-images 256 \\
-        --views 8   # its log's numbers
+        --views 8   # its log's v_source and v_target
+    python variance.py --gallery --data synthetic --image-size 32   # views.png
+    python variance.py --checkpoint runs/quickstart --data synthetic --grad-noise --views 16
+    torchrun --nproc_per_node=8 variance.py --checkpoint runs/mocov2_asym/checkpoint.pth \\
+        --data $IMAGENET --collapse   # Fig. 2 at the paper's scale
 """
 import argparse
 import contextlib
@@ -75,7 +79,8 @@ PLACEMENTS = ("baseline", "multicrop:source", "multicrop:target", "scalemix:sour
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Variance reference (Wang et al. 2022, Fig. 2) and "
                                             "dimensional-collapse AUC",
-                                formatter_class=augment.HelpFormatter)
+                                formatter_class=augment.HelpFormatter,
+                                epilog=__doc__[__doc__.index("Examples:"):])
     g = p.add_argument_group("data (the held-out split: val/ or test/, as the paper's validation "
                              "images)")
     g.add_argument("--data", default="synthetic",
@@ -160,7 +165,8 @@ def parse_args(argv=None):
                    "before centring (default: raw pool-5)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/variance",
-                   help="variance.md, variance.csv, variance_per_image.csv, plots")
+                   help="variance.md, variance.csv, variance_per_image.csv, plots; views.png "
+                        "(--gallery); gradient_noise.md, .csv (--grad-noise)")
     g.add_argument("--print-freq", type=int, default=10, help="a progress line every N batches")
     return p.parse_args(argv)
 

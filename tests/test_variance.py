@@ -461,6 +461,13 @@ def test_grad_noise_equals_a_direct_autograd_loop(tmp_path):
     assert len(read_csv(tmp_path / "out" / "gradient_noise.csv")) == 2
 
 
+def test_help_ends_with_examples_of_every_mode(capsys):
+    with pytest.raises(SystemExit):
+        variance.main(["--help"])
+    examples = capsys.readouterr().out.split("Examples:")[1]
+    assert all(mode in examples for mode in ("--checkpoint runs/quickstart", "--sides", "--gallery", "--grad-noise"))
+
+
 def test_grad_noise_and_gallery_bad_input_one_line(capsys):
     for argv, message in ((["--grad-noise"], "give its --checkpoint"),
                           (["--gallery", "--placements", "mixup:source"], "--placements mixup:source"),
