@@ -144,8 +144,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("the views gallery and the gradient noise (the paper's Sec. 5)")
     g.add_argument("--gallery", action="store_true",
                    help="instead of --designs: draw the source's and the target's views of each "
-                        "--placements for the first --gallery-images held-out images (views.png)")
-    g.add_argument("--gallery-images", type=int, default=3, help="images in the gallery")
+                        "--placements for --gallery-images held-out images (views.png)")
+    g.add_argument("--gallery-images", type=int, default=3,
+                   help="images in the gallery, spread evenly over the held-out split")
     g.add_argument("--grad-noise", action="store_true",
                    help="instead of --designs: the checkpoint's loss gradient dL/dW on one batch "
                         "of held-out images (--num-images, default the run's --batch-size), "
@@ -880,14 +881,18 @@ def draw_gallery(rows, path, zoom=3, title=""):
 
 
 def gallery(args):
-    """--gallery: views.png of each --placements on the first --gallery-images held-out images."""
+    """--gallery: views.png of each --placements on --gallery-images held-out images, spread evenly
+    over the split (an ImageFolder's come class by class)."""
     framework = args.framework or (checkpoint_framework(read_checkpoint(args.checkpoint))
                                    if args.checkpoint else "mocov2")
     module, defaults = script_defaults(framework)
     run_args = argparse.Namespace(**{**defaults, "image_size": args.image_size or 224,
                                      "gpu_aug": False})
     base = augment.base_dataset(args.data, "test", args.data_root)
-    images = [base[i][0] for i in range(min(args.gallery_images, len(base)))]
+    if args.gallery_images < 1:
+        raise augment.InputError(f"--gallery-images {args.gallery_images} must be 1 or more")
+    n = min(args.gallery_images, len(base))
+    images = [base[i * len(base) // n][0] for i in range(n)]  # spread over the split's classes
     specs = [spec for spec in args.placements if not spec.lower().startswith("syncbn")]
     if len(specs) < len(args.placements):
         print("note: SyncBN changes the projector's BN, not the views: not in the gallery")
