@@ -890,11 +890,11 @@ def draw_gallery(rows, path, zoom=3, title=""):
 def gallery(args):
     """--gallery: views.png of each --placements on --gallery-images held-out images, spread evenly
     over the split (an ImageFolder's come class by class)."""
-    framework = args.framework or (checkpoint_framework(read_checkpoint(args.checkpoint))
-                                   if args.checkpoint else "mocov2")
-    module, defaults = script_defaults(framework)
-    run_args = argparse.Namespace(**{**defaults, "image_size": args.image_size or 224,
-                                     "gpu_aug": False})
+    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else {"args": {}}
+    framework = args.framework or (checkpoint_framework(ckpt) if args.checkpoint else "mocov2")
+    module, defaults = script_defaults(framework)  # a checkpoint's run: its views' size, recipe
+    run_args = argparse.Namespace(**{**defaults, **ckpt["args"], "gpu_aug": False})
+    run_args.image_size = args.image_size or run_args.image_size
     base = augment.base_dataset(args.data, "test", args.data_root)
     if args.gallery_images < 1:
         raise augment.InputError(f"--gallery-images {args.gallery_images} must be 1 or more")
