@@ -995,6 +995,7 @@ def grad_noise(args, device):
     ckpt = read_checkpoint(args.checkpoint)
     framework = args.framework or checkpoint_framework(ckpt)
     module, defaults = script_defaults(framework)
+    # the asymmetric loss: --sym's mirrored pair would feed each side's views to both encoders
     run_args = argparse.Namespace(**{**defaults, **ckpt["args"], "gpu_aug": False, "sym": False})
     specs = [placement(spec)[0] for spec in args.placements]  # bad names: one line, before work
     base = augment.base_dataset(args.data, "test", args.data_root)
@@ -1078,7 +1079,8 @@ def write_grad_noise(rows, info, args):
                          *(f"{k}_vs_{rows[0][0]}" for k in keys)])
         for i, (name, result) in enumerate(rows):
             ratios = [result[k] / base[k] if base[k] else math.nan for k in keys]
-            cells = [f"{result[k]:.3g} (x{ratio:.2f})" for k, ratio in zip(keys, ratios)]
+            cells = [f"{result[k]:.3g} (x{ratio:.2f})" if math.isfinite(result[k]) else
+                     "- (the signal is within its noise)" for k, ratio in zip(keys, ratios)]
             prediction = predicted(name)
             verdict = compared(result, base, prediction) if i else "reference"
             lines.append(f"| {name} | {' | '.join(cells)} | "
