@@ -147,15 +147,19 @@ variance.main(FIG2 + ["--framework", "mocov2", "--arch", "resnet18", "--image-si
 # dL/dW takes the target's features through differences between images and the source's
 # through each image alone; more variance on the target side makes the gradient noisier while
 # its expectation stays. Here it is measured: on the trained checkpoint and one batch of 128
-# held-out images, each placement's loss gradient for W is computed R times, redrawing only the
-# target's views (V_t), only the source's (V_s) or both (V). The last columns give what Sec. 5
-# predicts for V_t and what was measured, beyond twice its standard error or within it.
+# held-out images, each design placed on the target, the loss gradient for W is computed R = 8
+# times, redrawing only the target's views (V_t), only the source's (V_s) or both (V). The last
+# columns give what Sec. 5 predicts for V_t and what was measured, beyond twice its standard
+# error or within it. (Every placement, source side included, at R = 16:
+# [docs/variance.md](variance.md#the-gradient-noise-sec-5).)
 
 # %%
 NOISE = ["--checkpoint", DIRS["baseline"], "--grad-noise", "--data", "synthetic",
          "--output-dir", os.path.join(OUT, "grad_noise")]
 NOISE += (["--num-images", "8", "--views", "2", "--placements", "baseline", "multicrop:target",
-           "meanenc:1,3"] if options.fast else ["--views", "8"])
+           "meanenc:1,3"] if options.fast else
+          ["--views", "8", "--placements", "baseline", "multicrop:target", "scalemix:target",
+           "stronger:target", "weaker:target", "syncbn:target", "meanenc:1,3"])
 variance.main(NOISE)
 
 # %% [markdown]
