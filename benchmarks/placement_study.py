@@ -389,9 +389,10 @@ def report(args, table, results, start):
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     seconds = sum(r["seconds"] for r in results)
+    this = f"read back from {args.report}" if args.report else \
+        f"this call {(time.time() - start) / 60:.1f} min wall"
     print(f"\n{args.script}, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}: "
-          f"{len(results)} runs, {seconds / 60:.0f} CPU-thread minutes, this call "
-          f"{(time.time() - start) / 60:.1f} min wall")
+          f"{len(results)} runs, {seconds / 60:.0f} CPU-thread minutes, {this}")
     print("\n".join(lines))
     if results:
         plot(args, table, results, os.path.join(args.output_dir, "placement.png"))
