@@ -389,13 +389,14 @@ RESUMABLE = {"output_dir", "resume", "resume_anyway", "workers", "print_freq", "
              "save_every", "dist_timeout", "data_root", "no_image_check", "epochs"}
 
 
-def save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1):
+def save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1, evaluated=True):
     """Rank 0 writes output-dir/checkpoint.pth (the head: a plain Linear or BN + Linear state
-    dict, to resume or reuse) through a .tmp file and a rename; nothing non-finite is written."""
+    dict, to resume or reuse) through a .tmp file and a rename; nothing non-finite is written.
+    `evaluated` False: stopped at an epoch's end before evaluating (the resume evaluates)."""
     if rank() == 0:
         ckpt = {"framework": "lincls", "step": step, "steps_per_epoch": steps_per_epoch,
-                "args": vars(args), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                "best_top1": best_top1}
+                "evaluated": evaluated, "args": vars(args), "head": head.state_dict(),
+                "optimizer": optimizer.state_dict(), "best_top1": best_top1}
         bad = augment.non_finite(ckpt)
         if bad:
             augment.end_run(1, f"error: the probe diverged by step {step}: non-finite values in "
@@ -497,7 +498,8 @@ def train(args):
             step, best_top1 = ckpt["step"], ckpt["best_top1"]
     total_steps = args.epochs * steps_per_epoch
     last = min(total_steps, args.max_steps or total_steps)
-    if step >= last:  # a rerun of a finished command
+    owed = not ckpt.get("evaluated", True) if ckpt else False  # a stop signal came first
+    if step >= last and not owed:  # a rerun of a finished command
         return augment.say(f"already finished at step {step}: {resume} (best top-1 "
                            f"{best_top1:.1f}%); nothing to do")
     augment.say(f"linear probe {f'resumed at step {step}' if step else 'starts'}: {args.arch} of "
@@ -523,6 +525,11 @@ def train(args):
         val_loader, run_backbone = eval_loader(val_set, args), backbone
 
     top1 = top5 = None
+    if owed:  # the evaluation a stop signal cut off: first thing
+        top1, top5 = accuracy(run_backbone, head, val_loader, device, args)
+        best_top1 = max(best_top1, top1)
+        log(args, {"epoch": step / steps_per_epoch, "step": step, "top1": top1, "top5": top5})
+        save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1)
     first, start, shown = step, time.time(), time.time()  # the ETA's pace; the last line's time
     received = []  # SIGTERM, SIGUSR1, SIGINT: save and stop at the next logged step
     handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
@@ -569,7 +576,8 @@ def train(args):
                 best_top1 = max(best_top1, top1)
                 log(args, {"epoch": step / steps_per_epoch, "step": step, "top1": top1,
                            "top5": top5})
-            save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1)
+            save_checkpoint(args, step, steps_per_epoch, head, optimizer, best_top1,
+                            evaluated=not (stop and epoch_end))
             if stop:
                 by = signal.Signals(received[0]).name if received else "a signal to another process"
                 augment.end_run(augment.EXIT_STOPPED, f"stopped at step {step} by {by}: "

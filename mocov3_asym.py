@@ -554,13 +554,15 @@ RESUMABLE = {"output_dir", "resume", "resume_anyway", "workers", "print_freq", "
              "save_every", "dist_timeout", "compile", "data_root", "no_image_check", "epochs"}
 
 
-def save_checkpoint(args, step, steps_per_epoch, state):
+def save_checkpoint(args, step, steps_per_epoch, state, evaluated=True):
     """Rank 0 writes backbone.pth (the source backbone, torchvision keys) and checkpoint.pth
     (`state`, the step and the random state), each to a .tmp file then renamed over the old one:
-    a kill at any moment leaves the last whole pair. Nothing that is not finite is written."""
+    a kill at any moment leaves the last whole pair. Nothing that is not finite is written.
+    `evaluated` False: the evaluations due at `step` are not made yet (the resume makes them)."""
     if rank() == 0:
         ckpt = {"framework": FRAMEWORK, "step": step, "steps_per_epoch": steps_per_epoch,
-                "args": vars(args), **{name: part.state_dict() for name, part in state.items()},
+                "evaluated": evaluated, "args": vars(args),
+                **{name: part.state_dict() for name, part in state.items()},
                 "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state()
                         if torch.cuda.is_available() else None}}
         bad = augment.non_finite(ckpt)
@@ -678,7 +680,8 @@ def train(args):
         step = restore(ckpt, resume, state) if ckpt else 0
     total_steps, last = args.epochs * steps_per_epoch, min(args.epochs * steps_per_epoch,
                                                           args.max_steps or math.inf)
-    if step >= last:  # a rerun of a finished command
+    evaluated = ckpt.get("evaluated", True) if ckpt else True  # False: a stop signal came first
+    if step >= last and evaluated:  # a rerun of a finished command
         return augment.say(f"already finished at step {step}: {resume}; nothing to do")
     augment.say(augment.start_line(FRAMEWORK, args, len(train_set), steps_per_epoch, step, last))
     source_ddp = nn.parallel.DistributedDataParallel(source) if world_size() > 1 else source
@@ -688,8 +691,13 @@ def train(args):
                                           for m in (source_ddp, target))
     peak_lr = args.lr * args.batch_size / 256
     loaders = eval_loader(bank_set, args), eval_loader(test_set, args), probe
+    monitors = {}
     if step:
         log(args, {"resumed": resume, "step": step})
+        if not evaluated:  # the evaluations due where a stop signal cut in: first thing
+            monitors = evaluate(source, target, loaders, device, args, step, steps_per_epoch,
+                                step == last)
+            save_checkpoint(args, step, steps_per_epoch, state)
     else:  # the initial encoder: the reference to beat
         evaluate(source, target, loaders, device, args, 0, steps_per_epoch, False)
 
@@ -746,14 +754,16 @@ def train(args):
                 if args.save_every and step % args.save_every == 0:
                     save_checkpoint(args, step, steps_per_epoch, state)
                 tick = time.time()
-            save_checkpoint(args, step, steps_per_epoch, state)
-            if stop:
+            if stop:  # saved at once; the evaluations due here wait for the resume
+                save_checkpoint(args, step, steps_per_epoch, state, evaluated=False)
                 by = signal.Signals(received[0]).name if received else "a signal to another process"
                 augment.end_run(augment.EXIT_STOPPED, f"stopped at step {step} by {by}: "
                                 f"{args.output_dir}/checkpoint.pth holds it; the same command "
                                 f"continues")
             monitors = evaluate(source, target, loaders, device, args, step, steps_per_epoch,
                                 step == last)
+            # after the evaluations: a run killed during them does the epoch again, whole
+            save_checkpoint(args, step, steps_per_epoch, state)
         augment.say(augment.end_line(args, step, monitors))
     finally:
         for sig, handler in handlers.items():

@@ -150,7 +150,11 @@ def train(args, name, flags, seed):
         return {**result, "error": lines[-1]}
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     knn = {r["epoch"]: r["knn_top1"] for r in log if "knn_top1" in r}
-    monitor = [r for r in log if "v_source" in r][-1]
+    end = max([r["step"] for r in log if "loss" in r], default=0)  # the last step trained
+    monitor = [r for r in log if "v_source" in r and r["step"] == end]
+    if not monitor or not any("knn_top1" in r and r["step"] == end for r in log):
+        return {**result, "error": f"{out}/log.jsonl: no kNN or variances at the end"}
+    monitor = monitor[-1]
     return {**result, "knn": {f"{epoch:g}": top1 for epoch, top1 in knn.items()},
             "top1": knn[max(knn)], "v_source": monitor["v_source"], "v_target": monitor["v_target"]}
 

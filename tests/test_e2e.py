@@ -3,6 +3,7 @@ torchvision, the first run's own lines, NaN handling, one clear error line for b
 and the skip reason without them. (tests/test_clusters.py runs it under torchrun.)"""
 import hashlib
 import re
+import signal
 import math
 import os
 import tarfile
@@ -57,6 +58,39 @@ def test_resume_equals_uninterrupted(folder, tmp_path):
     result = net.load_state_dict(torch.load(whole / "backbone.pth", weights_only=True), strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
     assert torch.equal(net.layer4[1].conv2.weight, ca["source"]["backbone.layer4.1.conv2.weight"])
+
+
+def test_a_stop_at_an_epoch_s_end_leaves_its_evaluations_to_the_resume(folder, tmp_path, monkeypatch,
+                                                                       capsys):
+    """SIGTERM in the last step of epoch 1, then in the last step of the run (3 steps an epoch):
+    each time the checkpoint is saved at once, marked as owing its evaluations; the same command
+    makes them first. The kNN and variances per epoch then equal an uninterrupted run's, the end
+    line is printed, and only a fourth run says there is nothing to do."""
+    argv = FAST + ["--data", folder, "--knn-every", "1", "--variance-images", "16",
+                   "--variance-views", "2"]
+    mocov2_asym.main(argv + ["--output-dir", str(tmp_path / "whole")])
+    parts, real = tmp_path / "parts", mocov2_asym.learning_rate
+    for stop_in in (3, 6):
+        def signalled(step, *rest, stop_in=stop_in):
+            if step == stop_in - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(step, *rest)
+        monkeypatch.setattr(mocov2_asym, "learning_rate", signalled)
+        code, _ = main_fails(argv + ["--output-dir", str(parts)], capsys)
+        monkeypatch.undo()
+        ckpt = torch.load(parts / "checkpoint.pth", weights_only=True)
+        assert code == augment.EXIT_STOPPED and ckpt["step"] == stop_in and not ckpt["evaluated"]
+        assert not [r for r in read_log(parts) if r.get("step") == stop_in and "knn_top1" in r]
+    mocov2_asym.main(argv + ["--output-dir", str(parts)])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("finished at step 6: ")
+    assert torch.load(parts / "checkpoint.pth", weights_only=True)["evaluated"]
+    evaluations = lambda out: {(r["step"], k): r[k] for r in read_log(out)  # noqa: E731
+                               for k in ("knn_top1", "v_source", "v_target") if k in r}
+    assert evaluations(parts) == evaluations(tmp_path / "whole")
+    assert len(evaluations(parts)) == 3 * 3  # steps 0, 3 and 6, each once
+    mocov2_asym.main(argv + ["--output-dir", str(parts)])
+    assert capsys.readouterr().out.strip() == (f"already finished at step 6: {parts}/checkpoint.pth; "
+                                               f"nothing to do")
 
 
 def digest(path):

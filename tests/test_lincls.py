@@ -297,6 +297,35 @@ def test_a_stop_signal_saves_and_the_same_command_continues(ours, folder, tmp_pa
     assert read_log(tmp_path / "whole")[-1]["final_top1"] == read_log(tmp_path / "parts")[-1]["final_top1"]
 
 
+def test_a_stop_at_an_epoch_s_end_leaves_its_evaluation_to_the_resume(ours, folder, tmp_path, monkeypatch,
+                                                                      capsys):
+    """SIGTERM in the last step of epoch 1, then in the last step of the probe (3 steps an epoch):
+    the checkpoint is saved at once, owing the epoch's evaluation; the same command makes it
+    first. Each epoch's top-1 and the final line then equal an uninterrupted probe's."""
+    args = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
+                    "--batch-size", "16", "--epochs", "2"]
+    lincls.main(args + ["--output-dir", str(tmp_path / "whole")])
+    parts, real = tmp_path / "parts", lincls.learning_rate
+    for stop_in in (3, 6):
+        def signalled(step, *rest, stop_in=stop_in):
+            if step == stop_in - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(step, *rest)
+        monkeypatch.setattr(lincls, "learning_rate", signalled)
+        with pytest.raises(SystemExit) as stopped:
+            lincls.main(args + ["--output-dir", str(parts)])
+        monkeypatch.undo()
+        ckpt = torch.load(parts / "checkpoint.pth", weights_only=True)
+        assert stopped.value.code == 3 and ckpt["step"] == stop_in and not ckpt["evaluated"]
+    lincls.main(args + ["--output-dir", str(parts)])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("finished at step 6: top-1 ")
+    epoch_top1 = lambda out: [(r["epoch"], r["top1"]) for r in read_log(out) if "top1" in r]  # noqa: E731
+    assert epoch_top1(parts) == epoch_top1(tmp_path / "whole") and len(epoch_top1(parts)) == 2
+    assert read_log(tmp_path / "whole")[-1]["final_top1"] == read_log(parts)[-1]["final_top1"]
+    lincls.main(args + ["--output-dir", str(parts)])
+    assert capsys.readouterr().out.startswith("already finished at step 6: ")
+
+
 def test_cached_features_equal_a_direct_probe_on_center_crops(ours, folder, tmp_path):
     args = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
                     "--batch-size", "16", "--epochs", "3", "--head-bn"]

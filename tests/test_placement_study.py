@@ -220,3 +220,24 @@ def test_a_real_run(folder, tmp_path):
     assert 0 < result["v_source"] < 1 and 0 < result["v_target"] < 1 and result["flags"] == ["--scalemix-on", "source"]
     log = [json.loads(line) for line in open(study.run_dir(args, "ScaleMix source", 1) + "/log.jsonl")]
     assert max(r["step"] for r in log if "loss" in r) == 2  # --max-steps 2: the end, logged
+
+
+def test_a_run_whose_log_lacks_its_end_is_that_run_s_error(tmp_path, monkeypatch):
+    """A run that exits 0 without the kNN and variances of its last epoch (a run stopped while
+    evaluating, resumed by an older script) gives that run's error line, not the study's crash."""
+    args = study.parse_args(["--epochs", "2", "--output-dir", str(tmp_path)])
+    out = study.run_dir(args, "baseline", 0)
+    os.makedirs(out)
+    records = [{"epoch": 0.0, "step": 0, "knn_top1": 60.0}, {"epoch": 1.0, "step": 3, "knn_top1": 61.0},
+               {"epoch": 2.0, "step": 6, "loss": 6.0}]
+    with open(os.path.join(out, "log.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: study.subprocess.CompletedProcess(a, 0, "", ""))
+    result = study.train(args, "baseline", [], 0)
+    assert result["error"] == f"{out}/log.jsonl: no kNN or variances at the end"
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"epoch": 2.0, "step": 6, "knn_top1": 62.0}) + "\n")
+        f.write(json.dumps({"epoch": 2.0, "step": 6, "v_source": 1e-3, "v_target": 2e-3}) + "\n")
+    result = study.train(args, "baseline", [], 0)
+    assert "error" not in result and result["knn"] == {"0": 60.0, "1": 61.0, "2": 62.0}
+    assert (result["top1"], result["v_source"], result["v_target"]) == (62.0, 1e-3, 2e-3)
