@@ -104,6 +104,13 @@ def test_the_correlation_undefined():
     assert study.correlation(no_start, "top1")[0] == 4 and study.correlation(no_start, "gain")[0] == 3
 
 
+def test_the_side_a_design_acts_on():
+    assert study.acts_on("target", "target") and study.acts_on("target", "both")
+    assert not study.acts_on("source", "target") and not study.acts_on("target", None)  # the baseline
+    assert study.acts_on("target", (1, 3)) and study.acts_on("source", (3, 1))  # MeanEnc: more views
+    assert not study.acts_on("target", (2, 2)) and not study.acts_on("source", (2, 2))
+
+
 def test_a_row_without_the_midpoint_or_the_start():
     row = study.format_row("x", None, [{"top1": 50.0, "v_source": 1e-3, "v_target": 2e-3}], 40.0, "3")
     assert row == "| x | 50.0 | - | - | +10.0 | - |  | 10.00 | 20.00 |"
@@ -145,13 +152,20 @@ def test_the_study_s_tables_and_its_resume(tmp_path, monkeypatch, capsys):
     # +-1.5; top-1 60 61 66 67 56 57 (baseline, source, target by seed) ranks 3 4 5 6 1 2, less 3.5:
     # -0.5 0.5 1.5 2.5 -2.5 -1.5; products 1.5 x (-0.5 - 0.5 + 1.5 - 2.5 - 2.5 + 1.5) = -4.5, squares 13.5
     # and 17.5: rho = -4.5 / sqrt(236.25) = -0.29; the gains 50 49 56 55 46 45 rank 4 3 6 5 2 1: +0.29
-    top1_line, gain_line = table.splitlines()[-2:]
+    top1_line, gain_line, target_line, source_line = table.splitlines()[-4:]
     assert top1_line.startswith("Spearman rho(log v_target/v_source, kNN top-1) = -0.29 over 6 runs "
                                 "(95% bootstrap interval ")
     assert top1_line.endswith("two-sided): negative, as the paper's claim predicts, not beyond chance at 5%")
     assert gain_line.startswith("Spearman rho(log v_target/v_source, kNN gain over random start) = 0.29 over 6")
     assert gain_line.endswith("two-sided): positive, against the paper's claim, not beyond chance at 5%")
     assert table.index("| ScaleMix | +10.0") < table.index("Spearman rho")  # after the tables
+    # per side, the baseline and ScaleMix there: ratio ranks less the mean +1 -1 +1 -1 (seeds 0 1 0 1);
+    # top-1 60 61 56 57 (target) ranks less 2.5: 0.5 1.5 -1.5 -0.5, products -2, squares 4 and 5:
+    # rho = -2 / sqrt(20) = -0.45; 60 61 66 67 (source): -1.5 -0.5 0.5 1.5, again -0.45
+    assert target_line.startswith("Spearman rho(log v_target/v_source, kNN top-1) among the designs on the "
+                                  "target and the baseline = -0.45 over 4 runs (95% bootstrap interval ")
+    assert source_line.startswith("Spearman rho(log v_target/v_source, kNN top-1) among the designs on the "
+                                  "source and the baseline = -0.45 over 4 runs")
     lines = open(tmp_path / "results.jsonl").read().splitlines()
     open(tmp_path / "results.jsonl", "w").write("\n".join(lines[:-2]) + "\n")  # interrupted
     lost = {(r["row"], r["seed"]) for r in map(json.loads, lines[-2:])}
