@@ -7,8 +7,8 @@ spread over the seeds), the difference to the baseline, the paper's ImageNet fig
 and the variance monitor's v_source and v_target at the end; then, per design, whether the
 source/target ordering agrees with the paper's beyond the seed noise; then, over every run, the
 Spearman correlation of log(v_target / v_source) with the kNN top-1 (the paper's claim predicts
-it negative), with a permutation p-value and a bootstrap interval, over all runs and over the
-designs on each side. Rows stream as they finish;
+it negative), with a permutation p-value and a bootstrap interval, over all runs, then over the
+placements of the designs on each side (row means). Rows stream as they finish;
 results.jsonl, table.md and placement.png (with matplotlib) go to --output-dir. An interrupted
 study continues where it stopped: finished runs are read back from results.jsonl, a run cut short
 continues from its own checkpoint (the scripts resume); a finished one just prints its tables.
@@ -309,18 +309,18 @@ def correlation(results, key):
     return len(runs), rho, bootstrap_interval(x, y), permutation_p(x, y)
 
 
-def format_correlation(key, runs, rho, interval, p, among=""):
+def format_correlation(key, runs, rho, interval, p, among="", unit="runs"):
     """The correlation in words: its sign against the paper's claim (negative: a target less
     variable than the source learns better) and whether it is beyond chance at 5%."""
     head = f"Spearman rho(log v_target/v_source, {OUTCOMES[key]}){among}"
     if rho is None:
         why = "it needs 3 or more" if runs < 3 else "one of the two is the same in every run"
-        return f"{head} undefined over {runs} runs: {why}"
+        return f"{head} undefined over {runs} {unit}: {why}"
     bounds = "undefined" if interval is None else f"{interval[0]:.2f} to {interval[1]:.2f}"
     sign = ("negative, as the paper's claim predicts" if rho < 0 else
             "positive, against the paper's claim" if rho > 0 else "zero, no sign either way")
     chance = "beyond chance at 5%" if p < 0.05 else "not beyond chance at 5%"
-    return (f"{head} = {rho:.2f} over {runs} runs (95% bootstrap interval {bounds}; permutation "
+    return (f"{head} = {rho:.2f} over {runs} {unit} (95% bootstrap interval {bounds}; permutation "
             f"p = {p:.3g}, two-sided): {sign}, {chance}")
 
 
@@ -340,19 +340,33 @@ def acts_on(side, where):
     return where in (side, "both")
 
 
+def placement_means(runs, rows):
+    """One point per placement of `rows` with runs: its runs' mean top-1 and the geometric mean of
+    their v_target / v_source (as v_target, with v_source 1), in the form correlation() reads."""
+    out = []
+    for name in rows:
+        mine = [r for r in runs if r["row"] == name]
+        if mine:
+            log_ratio = np.mean([math.log(r["v_target"] / r["v_source"]) for r in mine])
+            out.append({"row": name, "top1": float(np.mean([r["top1"] for r in mine])),
+                        "v_source": 1.0, "v_target": math.exp(log_ratio)})
+    return out
+
+
 def correlation_lines(args, table, results):
-    """The lines after the tables: the correlation with the final top-1 and with the gain; then
-    with the top-1 over the designs on one side (and the baseline): a ratio below 1 comes from a
-    calmer target or a noisier source, which need not go with accuracy alike."""
+    """The lines after the tables: over the runs, the correlation with the final top-1 and with
+    the gain; then over the placements (row means) of the designs on one side and the baseline:
+    a ratio below 1 comes from a calmer target or from a noisier source, which need not go with
+    accuracy alike, and a row's seeds share their design (the placement is the unit)."""
     runs = study_runs(args, table, results)
     lines = [""] + [format_correlation(key, *correlation(runs, key)) for key in OUTCOMES]
     for side in ("target", "source"):
-        rows = {name for name, design, where, *_ in table
-                if design == "baseline" or acts_on(side, where)}
+        rows = [name for name, design, where, *_ in table
+                if design == "baseline" or acts_on(side, where)]
         if len(rows) > 1:
-            lines.append(format_correlation("top1", *correlation(
-                [r for r in runs if r["row"] in rows], "top1"),
-                among=f" among the designs on the {side} and the baseline"))
+            lines.append(format_correlation(
+                "top1", *correlation(placement_means(runs, rows), "top1"), unit="placements",
+                among=f" of the row means, the designs on the {side} and the baseline"))
     return lines
 
 

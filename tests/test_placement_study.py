@@ -111,6 +111,17 @@ def test_the_side_a_design_acts_on():
     assert not study.acts_on("target", (2, 2)) and not study.acts_on("source", (2, 2))
 
 
+def test_the_placements_means():
+    """A row's point: the mean top-1 and the geometric mean of its ratios (2 and 8 -> 4); a row
+    without runs is left out. Rows A, B, C: ratios 4, 1, 16, top-1 51, 60, 40: rho -1."""
+    run = lambda row, v_t, top1: {"row": row, "top1": top1, "v_source": 1e-3, "v_target": v_t * 1e-3}  # noqa: E731
+    runs = [run("A", 2, 50.0), run("A", 8, 52.0), run("B", 1, 60.0), run("C", 16, 40.0)]
+    points = study.placement_means(runs, ["A", "B", "C", "D"])
+    assert [(p["row"], p["top1"]) for p in points] == [("A", 51.0), ("B", 60.0), ("C", 40.0)]
+    assert [p["v_target"] / p["v_source"] for p in points] == pytest.approx([4.0, 1.0, 16.0])
+    assert study.correlation(points, "top1")[:2] == (3, pytest.approx(-1.0))
+
+
 def test_a_row_without_the_midpoint_or_the_start():
     row = study.format_row("x", None, [{"top1": 50.0, "v_source": 1e-3, "v_target": 2e-3}], 40.0, "3")
     assert row == "| x | 50.0 | - | - | +10.0 | - |  | 10.00 | 20.00 |"
@@ -159,13 +170,11 @@ def test_the_study_s_tables_and_its_resume(tmp_path, monkeypatch, capsys):
     assert gain_line.startswith("Spearman rho(log v_target/v_source, kNN gain over random start) = 0.29 over 6")
     assert gain_line.endswith("two-sided): positive, against the paper's claim, not beyond chance at 5%")
     assert table.index("| ScaleMix | +10.0") < table.index("Spearman rho")  # after the tables
-    # per side, the baseline and ScaleMix there: ratio ranks less the mean +1 -1 +1 -1 (seeds 0 1 0 1);
-    # top-1 60 61 56 57 (target) ranks less 2.5: 0.5 1.5 -1.5 -0.5, products -2, squares 4 and 5:
-    # rho = -2 / sqrt(20) = -0.45; 60 61 66 67 (source): -1.5 -0.5 0.5 1.5, again -0.45
-    assert target_line.startswith("Spearman rho(log v_target/v_source, kNN top-1) among the designs on the "
-                                  "target and the baseline = -0.45 over 4 runs (95% bootstrap interval ")
-    assert source_line.startswith("Spearman rho(log v_target/v_source, kNN top-1) among the designs on the "
-                                  "source and the baseline = -0.45 over 4 runs")
+    # per side, the placements: the baseline and ScaleMix there, two points, too few
+    assert target_line == ("Spearman rho(log v_target/v_source, kNN top-1) of the row means, the designs on "
+                           "the target and the baseline undefined over 2 placements: it needs 3 or more")
+    assert source_line.startswith("Spearman rho(log v_target/v_source, kNN top-1) of the row means, the "
+                                  "designs on the source and the baseline undefined over 2 placements")
     lines = open(tmp_path / "results.jsonl").read().splitlines()
     open(tmp_path / "results.jsonl", "w").write("\n".join(lines[:-2]) + "\n")  # interrupted
     lost = {(r["row"], r["seed"]) for r in map(json.loads, lines[-2:])}
