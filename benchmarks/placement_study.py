@@ -156,6 +156,8 @@ def train(args, name, flags, seed):
     if not monitor or not any("knn_top1" in r and r["step"] == end for r in log):
         return {**result, "error": f"{out}/log.jsonl: no kNN or variances at the end"}
     monitor = monitor[-1]
+    if "already finished" in proc.stdout or any("resumed" in r for r in log):
+        result["seconds_partial"] = True  # the seconds of this call, not the run's
     return {**result, "knn": {f"{epoch:g}": top1 for epoch, top1 in knn.items()},
             "top1": knn[max(knn)], "v_source": monitor["v_source"], "v_target": monitor["v_target"]}
 
@@ -425,11 +427,14 @@ def report(args, table, results, start):
     lines = tables(args, table, results) + correlation_lines(args, table, results)
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    seconds = sum(r["seconds"] for r in results)
+    whole = [r["seconds"] for r in results if not r.get("seconds_partial")]
+    partial = f" ({len(results) - len(whole)} more timed in part: resumed)" * (len(whole) <
+                                                                            len(results))
     this = f"read back from {args.report}" if args.report else \
         f"this call {(time.time() - start) / 60:.1f} min wall"
     print(f"\n{args.script}, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}: "
-          f"{len(results)} runs, {seconds / 60:.0f} CPU-thread minutes, {this}")
+          f"{len(results)} runs; {len(whole)} timed whole took {sum(whole) / 60:.0f} CPU-thread "
+          f"minutes{partial}; {this}")
     print("\n".join(lines))
     if results:
         plot(args, table, results, os.path.join(args.output_dir, "placement.png"))

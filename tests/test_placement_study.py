@@ -195,13 +195,15 @@ def test_a_report_reads_a_finished_study_back_and_trains_nothing(tmp_path, monke
     made = fake_train([])
     results = [{**made(None, name, [], seed), "knn": {"0": 10.0, "6": 40.0 + seed, "12": 50.0}}
                for name in ("baseline", "ScaleMix target") for seed in (0, 3)]
-    results.append({**results[0], "row": "MeanEnc (1,3)", "top1": 70.0})
+    results.append({**results[0], "row": "MeanEnc (1,3)", "top1": 70.0, "seconds": 2.0,
+                    "seconds_partial": True})
     results.append({"row": "WeakerAug source", "seed": 0, "flags": [], "seconds": 1.0, "error": "x"})
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in results))
     study.main(["--report", str(path), "--output-dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert "12 epochs, seeds 0 3: 5 runs" in out and "| kNN at epoch 6 (seeds) |" in out
+    assert "12 epochs, seeds 0 3: 5 runs; 4 timed whole took 0 CPU-thread minutes (1 more timed in part: " \
+           "resumed); read back from " in out and "| kNN at epoch 6 (seeds) |" in out
     names = [line.split(" | ")[0][2:] for line in (tmp_path / "out" / "table.md").read_text().splitlines()[2:5]]
     assert names == ["baseline", "ScaleMix target", "MeanEnc (1,3)"]
     assert "| baseline | 61.5 +- 2.1 | 41.5 +- 2.1 |" in out
@@ -264,3 +266,7 @@ def test_a_run_whose_log_lacks_its_end_is_that_run_s_error(tmp_path, monkeypatch
     result = study.train(args, "baseline", [], 0)
     assert "error" not in result and result["knn"] == {"0": 60.0, "1": 61.0, "2": 62.0}
     assert (result["top1"], result["v_source"], result["v_target"]) == (62.0, 1e-3, 2e-3)
+    assert "seconds_partial" not in result  # a run made whole in this call: its seconds are its own
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: study.subprocess.CompletedProcess(
+        a, 0, "already finished at step 6: ...; nothing to do", ""))
+    assert study.train(args, "baseline", [], 0)["seconds_partial"]  # finished before this call
