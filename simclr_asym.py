@@ -677,7 +677,7 @@ def train(args):
                     save_checkpoint(args, step, steps_per_epoch, state)
                 tick = time.time()
             if stop:  # saved at once; the evaluations due here wait for the resume
-                save_checkpoint(args, step, steps_per_epoch, state, evaluated=False)
+                save_checkpoint(args, step, steps_per_epoch, state, evaluated=not epoch_end)
                 by = signal.Signals(received[0]).name if received else "a signal to another process"
                 augment.end_run(augment.EXIT_STOPPED, f"stopped at step {step} by {by}: "
                                 f"{args.output_dir}/checkpoint.pth holds it; the same command "

@@ -93,7 +93,8 @@ def test_sigterm_saves_the_step_and_the_same_command_continues_exactly(folder, w
     stopped = int(lines[-1].split("stopped at step ")[1].split(" ")[0])
     assert len(lines) == 1 and lines[0] == (f"stopped at step {stopped} by SIGTERM: {tmp_path}/"
                                             f"checkpoint.pth holds it; the same command continues")
-    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == stopped
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert ckpt["step"] == stopped and ckpt["evaluated"] == (stopped % 6 != 0)  # 6 steps an epoch
     moco.main(run)  # the same command, in this process
     same_state(whole / "one", tmp_path)
     resumed = [r["step"] for r in read_log(tmp_path) if "resumed" in r]
