@@ -428,8 +428,8 @@ def report(args, table, results, start):
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     whole = [r["seconds"] for r in results if not r.get("seconds_partial")]
-    partial = f" ({len(results) - len(whole)} more timed in part: resumed)" * (len(whole) <
-                                                                            len(results))
+    partial = len(results) - len(whole)
+    partial = f" ({partial} more timed in part: resumed)" if partial else ""
     this = f"read back from {args.report}" if args.report else \
         f"this call {(time.time() - start) / 60:.1f} min wall"
     print(f"\n{args.script}, {args.epochs} epochs, seeds {' '.join(map(str, args.seeds))}: "
