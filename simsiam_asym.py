@@ -114,8 +114,7 @@ def parse_args(argv=None):
     g.add_argument("--target-aug", choices=AUGS, help="the target's views (overrides --asym-aug)")
     g.add_argument("--asym-bn", action="store_true",
                    help="AsymBN: SyncBN in the target projector lowers the target's variance")
-    g.add_argument("--syncbn-on", choices=PLACES, help="place the projector SyncBN (implies "
-                   "--asym-bn)")
+    g.add_argument("--syncbn-on", choices=PLACES, help="place SyncBN (implies --asym-bn)")
     g.add_argument("--syncbn-group-size", type=int, default=0,
                    help="processes per SyncBN group (0: all; the official code: 8)")
     g.add_argument("--mean-enc", type=int, default=1, metavar="N", help="MeanEnc: the mean of N "
@@ -434,9 +433,8 @@ RESUMABLE = {"output_dir", "resume", "resume_anyway", "workers", "print_freq", "
 
 def save_checkpoint(args, step, steps_per_epoch, state, evaluated=True):
     """Rank 0 writes backbone.pth (the source backbone, torchvision keys) and checkpoint.pth
-    (`state`, the step and the random state), each to a .tmp file then renamed over the old one:
-    a kill at any moment leaves the last whole pair. Nothing that is not finite is written.
-    `evaluated` False: the evaluations due at `step` are not made yet (the resume makes them)."""
+    (`state`, the step, the RNG state, `evaluated`: False while its evaluations are owed), each to
+    a .tmp file renamed over the old one: a kill leaves the last whole pair, nothing non-finite."""
     if rank() == 0:
         ckpt = {"framework": FRAMEWORK, "step": step, "steps_per_epoch": steps_per_epoch,
                 "evaluated": evaluated, "args": vars(args),
@@ -483,7 +481,7 @@ def read_checkpoint(args):
 
 
 def restore(ckpt, path, state):
-    """Load every part of `state` (name -> module or optimizer) and the random state; -> step."""
+    """Load `state`'s parts (name -> module or optimizer) and the RNG state; -> step, evaluated."""
     try:
         for name, part in state.items():
             part.load_state_dict(ckpt[name])
@@ -493,13 +491,12 @@ def restore(ckpt, path, state):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if torch.cuda.is_available() and ckpt["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])  # rank 0's, on every process
-    return ckpt["step"]
+    return ckpt["step"], ckpt.get("evaluated", True)
 
 
 # ---- log and monitors -------------------------------------------------------------------------
 def log(args, record, progress=""):
-    """Print `record` (a training step's after its `progress`) and append it to
-    output-dir/log.jsonl (rank 0)."""
+    """Print `record` (after a step's `progress`) and append it to output-dir/log.jsonl (rank 0)."""
     if rank() == 0:
         shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                  for k, v in record.items() if not (progress and k == "step")]
@@ -555,10 +552,9 @@ def train(args):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     state = {"source": source, "target": target, "optimizer": optimizer, "scaler": scaler}
     with augment.agreed():
-        step = restore(ckpt, resume, state) if ckpt else 0
+        step, evaluated = restore(ckpt, resume, state) if ckpt else (0, True)
     total_steps, last = args.epochs * steps_per_epoch, min(args.epochs * steps_per_epoch,
                                                           args.max_steps or math.inf)
-    evaluated = ckpt.get("evaluated", True) if ckpt else True  # False: a stop signal came first
     if step >= last and evaluated:  # a rerun of a finished command
         return augment.say(f"already finished at step {step}: {resume}; nothing to do")
     augment.say(augment.start_line(FRAMEWORK, args, len(train_set), steps_per_epoch, step, last))
@@ -569,15 +565,13 @@ def train(args):
                                           for m in (source_ddp, target))
     peak_lr = args.lr * args.batch_size / 256
     loaders = eval_loader(bank_set, args), eval_loader(test_set, args), probe
-    monitors = {}
     if step:
         log(args, {"resumed": resume, "step": step})
-        if not evaluated:  # the evaluations due where a stop signal cut in: first thing
-            monitors = evaluate(source, target, loaders, device, args, step, steps_per_epoch,
-                                step == last)
+    if not step or not evaluated:  # the initial encoder (the reference to beat), or owed ones
+        monitors = evaluate(source, target, loaders, device, args, step, steps_per_epoch,
+                            step == last)
+        if step:  # saved as made: a rerun does not make them again
             save_checkpoint(args, step, steps_per_epoch, state)
-    else:  # the initial encoder: the reference to beat
-        evaluate(source, target, loaders, device, args, 0, steps_per_epoch, False)
 
     received = []  # SIGTERM, SIGUSR1, SIGINT: save and stop at the next logged step
     handlers = {sig: signal.signal(sig, lambda signum, _: received.append(signum) or
@@ -639,8 +633,7 @@ def train(args):
                                 f"continues")
             monitors = evaluate(source, target, loaders, device, args, step, steps_per_epoch,
                                 step == last)
-            # after the evaluations: a run killed during them does the epoch again, whole
-            save_checkpoint(args, step, steps_per_epoch, state)
+            save_checkpoint(args, step, steps_per_epoch, state)  # killed before: the epoch again
         augment.say(augment.end_line(args, step, monitors))
     finally:
         for sig, handler in handlers.items():

@@ -338,7 +338,8 @@ def acts_on(side, where):
     """Whether a row's design acts on `side`: placed there (or both), or, for MeanEnc (n_s, n_t),
     more views averaged there."""
     if isinstance(where, tuple):
-        return where[side == "target"] > where[side == "source"]
+        n_s, n_t = where
+        return n_t > n_s if side == "target" else n_s > n_t
     return where in (side, "both")
 
 

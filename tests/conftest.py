@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -218,6 +219,18 @@ def _run_main(rank, nproc, script, argv_list, ports):
 def read_log(output_dir):
     with open(os.path.join(output_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def sigterm_in_step(monkeypatch, module, n):
+    """Step n (from 1) of `module`'s loop sends SIGTERM to this process, as it asks for its
+    learning rate: the loop meets the signal at that step's end, as a scheduler's would come."""
+    real = module.learning_rate
+
+    def signalled(step, *rest):
+        if step == n - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *rest)
+    monkeypatch.setattr(module, "learning_rate", signalled)
 
 
 def step_losses(output_dir):

@@ -3,7 +3,6 @@ torchvision, the first run's own lines, NaN handling, one clear error line for b
 and the skip reason without them. (tests/test_clusters.py runs it under torchrun.)"""
 import hashlib
 import re
-import signal
 import math
 import os
 import tarfile
@@ -14,7 +13,7 @@ import torchvision
 
 import augment
 import mocov2_asym
-from conftest import FAST, read_log, run_script, small_image_folder, step_losses
+from conftest import FAST, read_log, run_script, sigterm_in_step, small_image_folder, step_losses
 from test_frameworks import error_line as in_process_error_line
 
 SCRIPT = "mocov2_asym.py"
@@ -69,13 +68,9 @@ def test_a_stop_at_an_epoch_s_end_leaves_its_evaluations_to_the_resume(folder, t
     argv = FAST + ["--data", folder, "--knn-every", "1", "--variance-images", "16",
                    "--variance-views", "2"]
     mocov2_asym.main(argv + ["--output-dir", str(tmp_path / "whole")])
-    parts, real = tmp_path / "parts", mocov2_asym.learning_rate
+    parts = tmp_path / "parts"
     for stop_in in (3, 6):
-        def signalled(step, *rest, stop_in=stop_in):
-            if step == stop_in - 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(step, *rest)
-        monkeypatch.setattr(mocov2_asym, "learning_rate", signalled)
+        sigterm_in_step(monkeypatch, mocov2_asym, stop_in)
         code, _ = main_fails(argv + ["--output-dir", str(parts)], capsys)
         monkeypatch.undo()
         ckpt = torch.load(parts / "checkpoint.pth", weights_only=True)

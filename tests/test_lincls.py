@@ -5,7 +5,6 @@ refused pickle in one clean line, the no-weight-moved check, the presets, 1 proc
 train's classes, and --skip-bad-images counting each readable held-out image once."""
 import os
 import shutil
-import signal
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import augment
 import lincls
 import mocov2_asym
 import mocov3_asym
-from conftest import FAST, read_log, run_in_processes
+from conftest import FAST, read_log, run_in_processes, sigterm_in_step
 
 PROBE = ["--image-size", "16", "--workers", "0", "--print-freq", "1", "--optimizer", "sgd", "--lr", "2.0"]
 
@@ -277,13 +276,7 @@ def test_a_stop_signal_saves_and_the_same_command_continues(ours, folder, tmp_pa
     args = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
                     "--batch-size", "16", "--epochs", "2"]
     lincls.main(args + ["--output-dir", str(tmp_path / "whole")])
-    real = lincls.learning_rate
-
-    def signalled_in_step_5(step, *rest):
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(step, *rest)
-    monkeypatch.setattr(lincls, "learning_rate", signalled_in_step_5)
+    sigterm_in_step(monkeypatch, lincls, 5)
     with pytest.raises(SystemExit) as stopped:
         lincls.main(args + ["--output-dir", str(tmp_path / "parts")])
     monkeypatch.undo()
@@ -305,13 +298,9 @@ def test_a_stop_at_an_epoch_s_end_leaves_its_evaluation_to_the_resume(ours, fold
     args = PROBE + ["--data", folder, "--pretrained", str(ours / "backbone.pth"), "--arch", "resnet18",
                     "--batch-size", "16", "--epochs", "2"]
     lincls.main(args + ["--output-dir", str(tmp_path / "whole")])
-    parts, real = tmp_path / "parts", lincls.learning_rate
+    parts = tmp_path / "parts"
     for stop_in in (3, 6):
-        def signalled(step, *rest, stop_in=stop_in):
-            if step == stop_in - 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(step, *rest)
-        monkeypatch.setattr(lincls, "learning_rate", signalled)
+        sigterm_in_step(monkeypatch, lincls, stop_in)
         with pytest.raises(SystemExit) as stopped:
             lincls.main(args + ["--output-dir", str(parts)])
         monkeypatch.undo()

@@ -208,6 +208,11 @@ def test_a_report_reads_a_finished_study_back_and_trains_nothing(tmp_path, monke
     assert names == ["baseline", "ScaleMix target", "MeanEnc (1,3)"]
     assert "| baseline | 61.5 +- 2.1 | 41.5 +- 2.1 |" in out
     assert "over 5 runs" in out and "WeakerAug" not in out
+    # the target side: the baseline, ScaleMix target, MeanEnc (1,3): ratios (geometric means of 2 and
+    # 0.5) 1, 1, 2 and top-1 61.5, 57.5, 70 -> ranks less 2: -0.5 -0.5 1 and 0 -1 1, rho 1.5 / sqrt(3);
+    # no design on the source: no source line
+    assert "of the row means, the designs on the target and the baseline = 0.87 over 3 placements" in out
+    assert "designs on the source" not in out
 
 
 def test_the_picture_s_third_panel(tmp_path, monkeypatch):
